@@ -1,0 +1,389 @@
+"""Shared simulation helpers for the ppo_isaac_*.py scripts: MuJoCo Warp in the role of Isaac Gym.
+
+What lives here, and nothing else: creating a batched simulation and its zero-copy torch views, stepping it
+(one CUDA graph per policy step on the GPU), resetting a subset of worlds in place, quaternion math, rendering,
+and seeding. Tasks, rewards, policies and PPO live in the scripts, each readable on its own.
+
+Conventions, stated once:
+- Quaternions are MuJoCo's (w, x, y, z), scalar first. (Isaac Gym's are (x, y, z, w).)
+- Every tensor is batched over worlds first: shape (num_envs, ...), one row per environment.
+- A free joint's qpos is (x, y, z, qw, qx, qy, qz) in the world frame; its qvel is the linear velocity in the
+  world frame followed by the angular velocity in the BODY frame (MuJoCo's convention, unlike Isaac Gym's
+  world-frame angular velocity).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# MuJoCo picks its OpenGL backend when it is first imported: EGL needs a GPU driver, OSMesa renders on the CPU.
+if "MUJOCO_GL" not in os.environ:
+    os.environ["MUJOCO_GL"] = "egl" if torch.cuda.is_available() else "osmesa"
+    if sys.platform == "darwin":
+        del os.environ["MUJOCO_GL"]  # macOS has its own backend (CGL)
+
+import mujoco  # noqa: E402
+import mujoco_warp as mjw  # noqa: E402
+import warp as wp  # noqa: E402
+
+wp.config.log_level = wp.LOG_WARNING  # keep Warp's per-kernel "Module ... load" lines out of the training log
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+class UserError(Exception):
+    """Bad input from the user. The scripts print its message as one line and exit with code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices, seeds, models
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' or None: the first GPU when there is one, else the CPU. 'cuda', 'cuda:N' or 'cpu' otherwise."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} was asked for, but torch sees no CUDA GPU on this machine: "
+                            "use --device cpu (or install a CUDA build of torch)")
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise UserError(f"unsupported device {name!r}: use 'cpu' or 'cuda:N'")
+    return device
+
+
+def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
+    """One seed for Python's random, NumPy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+def load_model(path: str | os.PathLike) -> mujoco.MjModel:
+    """Compile an MJCF file with MuJoCo's C compiler. A bare name is looked up in assets/."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = ASSETS / path
+    if not path.is_file():
+        raise UserError(f"asset file not found: {path} (the models ship in {ASSETS}; "
+                        "run from a full checkout of the repository)")
+    try:
+        return mujoco.MjModel.from_xml_path(str(path))
+    except ValueError as e:  # MuJoCo's compiler error: say which file, keep its message
+        raise UserError(f"could not load MJCF {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Buffer sizing: MuJoCo Warp preallocates contacts and constraint rows. Size them from the model so that they
+# cannot overflow, and flag an overflow per world if it happens anyway (never drop contacts silently).
+# ----------------------------------------------------------------------------------------------------------------
+_G = mujoco.mjtGeom
+# Most contacts MuJoCo's collision functions make for one pair of primitives (mjMAXCONPAIR is 50 at worst).
+_PAIR_MAX_CONTACTS = {
+    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_SPHERE]): 1,
+    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CAPSULE]): 2,
+    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_BOX]): 4,
+    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CYLINDER]): 4,
+    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_ELLIPSOID]): 1,
+    frozenset([_G.mjGEOM_SPHERE]): 1,
+    frozenset([_G.mjGEOM_SPHERE, _G.mjGEOM_CAPSULE]): 1,
+    frozenset([_G.mjGEOM_CAPSULE]): 2,
+    frozenset([_G.mjGEOM_BOX]): 8,
+}
+# Overflow bits that mean lost contacts or constraints; the solver's iteration-limit bits are not overflows.
+OVERFLOW_BITS = int(mjw.OverflowType.NEFC | mjw.OverflowType.NJMAX_NNZ | mjw.OverflowType.BROADPHASE
+                    | mjw.OverflowType.NARROWPHASE | mjw.OverflowType.CCD | mjw.OverflowType.NVMAX)
+
+
+def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
+    """Upper bounds (nconmax, njmax) per world: contacts of every geom pair that may touch, and their rows."""
+    ncon, nrows = 0, 0
+    if not mjm.opt.disableflags & mujoco.mjtDisableBit.mjDSBL_CONTACT:
+        body_weld = mjm.body_weldid
+        pairs = set()
+        for g1 in range(mjm.ngeom):
+            for g2 in range(g1 + 1, mjm.ngeom):
+                b1, b2 = body_weld[mjm.geom_bodyid[g1]], body_weld[mjm.geom_bodyid[g2]]
+                compatible = (mjm.geom_contype[g1] & mjm.geom_conaffinity[g2]) or (
+                    mjm.geom_contype[g2] & mjm.geom_conaffinity[g1])
+                if compatible and b1 != b2 and not (b1 == 0 and b2 == 0):
+                    pairs.add((g1, g2))
+        pairs |= {(min(g1, g2), max(g1, g2)) for g1, g2 in zip(mjm.pair_geom1, mjm.pair_geom2)}  # <pair>s
+        for g1, g2 in pairs:
+            n = _PAIR_MAX_CONTACTS.get(frozenset([mjm.geom_type[g1], mjm.geom_type[g2]]), 8)
+            condim = max(mjm.geom_condim[g1], mjm.geom_condim[g2])
+            rows = 1 if condim == 1 else (2 * (condim - 1) if mjm.opt.cone == mujoco.mjtCone.mjCONE_PYRAMIDAL
+                                          else condim)
+            ncon += n
+            nrows += n * rows
+    # Joint limits, DOF friction loss and equality constraints each add rows.
+    nrows += int(mjm.jnt_limited.sum()) + int((mjm.dof_frictionloss > 0).sum()) + 6 * mjm.neq
+    return int(max(ncon, 1)), int(max(nrows, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batched simulation
+# ----------------------------------------------------------------------------------------------------------------
+class BatchedSim:
+    """`num_envs` copies of one MuJoCo model on one device, stepped in lockstep by MuJoCo Warp.
+
+    Torch views of the simulation state (zero-copy: they alias Warp's arrays, so writing them writes the sim and
+    every step refreshes them in place; never rebind them, write into them with `[:] =`, `copy_` or `index_copy_`):
+
+    | attribute  | shape              | content                                          | Isaac Gym counterpart          |
+    |------------|--------------------|--------------------------------------------------|--------------------------------|
+    | qpos       | (N, nq)            | generalized positions; free joint first if any   | root state [:, 0:7] + DOF pos  |
+    | qvel       | (N, nv)            | generalized velocities                           | root state [:, 7:13] + DOF vel |
+    | ctrl       | (N, nu)            | actuator inputs: position targets or torques     | actuation / DOF target tensor  |
+    | act_force  | (N, nu)            | actuator force (torque on the joint) last step   | DOF force tensor               |
+    | xpos       | (N, nbody, 3)      | body frame positions, world frame                | rigid body state [..., 0:3]    |
+    | xquat      | (N, nbody, 4)      | body frame orientations (w, x, y, z)             | rigid body state [..., 3:7]    |
+    | site_xpos  | (N, nsite, 3)      | site positions, world frame                      | -                              |
+    | mocap_pos  | (N, nmocap, 3)     | mocap body positions (markers, targets)          | -                              |
+    | contact_force | (N, nbody, 3)   | net external (contact) force on each body, world | net contact force tensor       |
+    | overflow   | (N,) int32         | MuJoCo Warp's overflow bits, sticky until reset  | -                              |
+
+    `contact_force` is filled only with `contact_forces=True` (it costs an extra pass after the solver).
+    Body poses are refreshed after the last sub-step of every `step()`, so they match `qpos` (MuJoCo's own
+    mj_step leaves them one sub-step behind).
+    """
+
+    def __init__(self, mjm: mujoco.MjModel, num_envs: int, device: torch.device | str, decimation: int = 1,
+                 nconmax: int | None = None, njmax: int | None = None, contact_forces: bool = False):
+        if int(num_envs) < 1:
+            raise UserError(f"the number of environments must be at least 1, got {num_envs}")
+        if int(decimation) < 1:
+            raise UserError(f"decimation (physics sub-steps per policy step) must be at least 1, got {decimation}")
+        self.mjm, self.num_envs, self.decimation = mjm, int(num_envs), int(decimation)
+        self.device = resolve_device(str(device))
+        wp.config.quiet = True  # no Warp banner
+        wp.init()
+        self.wp_device = wp.get_device("cpu" if self.device.type == "cpu" else f"cuda:{self.device.index}")
+        auto_ncon, auto_njmax = contact_capacity(mjm)
+        self.nconmax, self.njmax = int(nconmax or auto_ncon), int(njmax or auto_njmax)
+        with wp.ScopedDevice(self.wp_device):
+            self.m = mjw.put_model(mjm)
+            self.d = mjw.make_data(mjm, nworld=self.num_envs, nconmax=self.nconmax, njmax=self.njmax)
+        self.m.opt.warn_overflow = 0  # overflows are counted per world on the device instead of printed
+        self.m.opt.run_rne_postconstraint = contact_forces
+        if self.device.type == "cuda":
+            # Torch and Warp share one CUDA stream: every kernel runs in program order with no explicit sync,
+            # and the stream can be captured into a CUDA graph.
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(wp.stream_to_torch(self.wp_device.stream))
+
+        d = self.d
+        self.qpos, self.qvel, self.ctrl = wp.to_torch(d.qpos), wp.to_torch(d.qvel), wp.to_torch(d.ctrl)
+        self.act_force = wp.to_torch(d.actuator_force)
+        self.xpos, self.xquat = wp.to_torch(d.xpos), wp.to_torch(d.xquat)
+        self.site_xpos = wp.to_torch(d.site_xpos)
+        self.mocap_pos = wp.to_torch(d.mocap_pos)
+        self.contact_force = wp.to_torch(d.cfrc_ext)[..., 3:6]  # cfrc_ext is (torque, force) at the body's COM
+        self.overflow = wp.to_torch(d.overflow)
+        self._time = wp.to_torch(d.time)
+        # State that a reset must clear besides qpos/qvel: the solver's warm start, applied forces, actuator state.
+        self._zero_on_reset = [wp.to_torch(a) for a in (d.qacc_warmstart, d.qacc, d.qfrc_applied, d.xfrc_applied,
+                                                        d.act) if a.size > 0]
+        self._graph = None
+        self._stepped_once = False
+
+        # Start every world at the first keyframe (else the model's qpos0) with its controls.
+        key = 0 if mjm.nkey else None
+        qpos0 = mjm.key_qpos[key] if key is not None else mjm.qpos0
+        ctrl0 = mjm.key_ctrl[key] if key is not None else np.zeros(mjm.nu)
+        self.default_qpos = torch.tensor(qpos0, dtype=torch.float32, device=self.device)
+        self.default_ctrl = torch.tensor(ctrl0, dtype=torch.float32, device=self.device)
+        all_envs = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        self.reset(all_envs, self.default_qpos.expand(self.num_envs, -1), ctrl=self.default_ctrl.expand(self.num_envs, -1))
+
+    # --------------------------------------------------------------------------------------------------------
+    def _substeps(self):
+        for _ in range(self.decimation):
+            mjw.step(self.m, self.d)
+        mjw.kinematics(self.m, self.d)  # body poses of the new qpos (Isaac Gym: refresh_rigid_body_state_tensor)
+
+    def step(self) -> None:
+        """Advance every world by `decimation` physics steps with the current `ctrl` (held: a zero-order hold).
+
+        On CUDA the sub-steps are recorded once as a CUDA graph and replayed: one launch per policy step instead
+        of hundreds of kernel launches. The first call runs eagerly, which compiles (or loads) Warp's kernels.
+        """
+        with wp.ScopedDevice(self.wp_device):
+            if self.device.type == "cpu" or not self._stepped_once:
+                if not self._stepped_once:
+                    print(f"MuJoCo Warp: loading kernels for {self.device} (compiled once, then cached in "
+                          f"{wp.config.kernel_cache_dir}; a first run on a CPU takes about 30 s)", flush=True)
+                self._substeps()
+                self._stepped_once = True
+                return
+            if self._graph is None:
+                with wp.ScopedCapture(stream=self.wp_device.stream) as capture:
+                    self._substeps()
+                self._graph = capture.graph
+            wp.capture_launch(self._graph)
+
+    def reset(self, envs: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor | None = None,
+              ctrl: torch.Tensor | None = None) -> None:
+        """Put the worlds in `envs` at (qpos, qvel), leaving every other world bit-for-bit untouched.
+
+        `envs` is either a bool mask of shape (N,), with qpos of shape (N, nq) whose other rows are ignored, or a
+        long tensor of ids, with qpos of shape (len(ids), nq). qvel (default zero) and ctrl (default: unchanged)
+        follow the same rule. Runs on the device with no host sync, so it may be called inside a rollout.
+        Body poses are recomputed right away, so `xpos` and friends match the new `qpos` on return.
+        """
+        if envs.dtype == torch.bool:
+            mask = envs
+        else:
+            mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device).index_fill_(0, envs, True)
+            qpos = self._scatter_rows(envs, qpos, self.qpos)
+            qvel = None if qvel is None else self._scatter_rows(envs, qvel, self.qvel)
+            ctrl = None if ctrl is None else self._scatter_rows(envs, ctrl, self.ctrl)
+        rows = mask.unsqueeze(-1)
+        self.qpos.copy_(torch.where(rows, qpos, self.qpos))
+        self.qvel.copy_(torch.where(rows, 0.0 if qvel is None else qvel, self.qvel))
+        if ctrl is not None:
+            self.ctrl.copy_(torch.where(rows, ctrl, self.ctrl))
+        for t in self._zero_on_reset:
+            t.masked_fill_(mask.view(-1, *[1] * (t.dim() - 1)), 0.0)
+        self._time.masked_fill_(mask, 0.0)
+        self.overflow.masked_fill_(mask, 0)
+        with wp.ScopedDevice(self.wp_device):
+            mjw.kinematics(self.m, self.d)  # deterministic: untouched worlds get the very same poses back
+
+    @staticmethod
+    def _scatter_rows(ids, rows, like):
+        return like.clone().index_copy_(0, ids, rows.to(like.dtype))
+
+    def overflowed(self) -> torch.Tensor:
+        """(N,) bool: worlds whose contact or constraint buffers overflowed since their last reset."""
+        return (self.overflow & OVERFLOW_BITS) != 0
+
+    def body_id(self, name: str) -> int:
+        return self._id(mujoco.mjtObj.mjOBJ_BODY, name)
+
+    def site_id(self, name: str) -> int:
+        return self._id(mujoco.mjtObj.mjOBJ_SITE, name)
+
+    def _id(self, kind, name):
+        i = mujoco.mj_name2id(self.mjm, kind, name)
+        if i < 0:
+            raise UserError(f"the model has no {kind.name[6:].lower()} named {name!r}")
+        return i
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quaternion and frame math, batched over leading dimensions. (w, x, y, z) order.
+# ----------------------------------------------------------------------------------------------------------------
+def quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product a * b (rotate by b first, then by a)."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
+                        aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+
+
+def quat_conjugate(q: torch.Tensor) -> torch.Tensor:
+    """The inverse rotation of a unit quaternion."""
+    return q * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=q.dtype, device=q.device)
+
+
+def quat_rotate(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Rotate v by q: body frame to world frame when q is a body's orientation."""
+    w, u = q[..., :1], q[..., 1:]
+    t = 2.0 * torch.cross(u, v, dim=-1)
+    return v + w * t + torch.cross(u, t, dim=-1)
+
+
+def quat_rotate_inverse(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Rotate v by the inverse of q: world frame to body frame."""
+    return quat_rotate(quat_conjugate(q), v)
+
+
+def projected_gravity(q: torch.Tensor) -> torch.Tensor:
+    """The unit gravity direction (0, 0, -1) seen in the body frame: (0, 0, -1) when upright."""
+    down = torch.zeros(q.shape[:-1] + (3,), dtype=q.dtype, device=q.device)
+    down[..., 2] = -1.0
+    return quat_rotate_inverse(q, down)
+
+
+def quat_to_rpy(q: torch.Tensor) -> torch.Tensor:
+    """Roll, pitch, yaw (intrinsic z-y'-x'' Tait-Bryan angles, as in ROS), stacked on the last dimension."""
+    w, x, y, z = q.unbind(-1)
+    roll = torch.atan2(2.0 * (w * x + y * z), 1.0 - 2.0 * (x * x + y * y))
+    pitch = torch.asin((2.0 * (w * y - z * x)).clamp(-1.0, 1.0))
+    yaw = torch.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+    return torch.stack([roll, pitch, yaw], dim=-1)
+
+
+def yaw_from_quat(q: torch.Tensor) -> torch.Tensor:
+    """Heading angle about the world z axis."""
+    return quat_to_rpy(q)[..., 2]
+
+
+def quat_from_yaw(yaw: torch.Tensor) -> torch.Tensor:
+    """Rotation by `yaw` radians about the world z axis."""
+    zero = torch.zeros_like(yaw)
+    return torch.stack([torch.cos(yaw / 2), zero, zero, torch.sin(yaw / 2)], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering (MuJoCo's OpenGL renderer on one world copied to the host: for videos, never inside training's hot loop)
+# ----------------------------------------------------------------------------------------------------------------
+class Renderer:
+    """Renders one environment of a BatchedSim to an (height, width, 3) uint8 image."""
+
+    def __init__(self, sim: BatchedSim, width: int = 640, height: int = 480, camera: str | int = -1):
+        self.sim, self.camera = sim, camera
+        try:
+            self._renderer = mujoco.Renderer(sim.mjm, height=height, width=width)
+        except Exception as e:  # noqa: BLE001 - every backend failure means the same fix
+            backend = os.environ.get("MUJOCO_GL", "default")
+            raise UserError(
+                f"no OpenGL rendering backend works here (MUJOCO_GL={backend}: {str(e).splitlines()[0]}). "
+                "On a GPU machine set MUJOCO_GL=egl (needs libegl1); on a CPU machine set MUJOCO_GL=osmesa and "
+                "install OSMesa (Debian/Ubuntu: apt-get install libosmesa6); or run without --capture-video"
+            ) from None
+        self._data = mujoco.MjData(sim.mjm)
+
+    def render(self, env_id: int = 0) -> np.ndarray:
+        s = self.sim
+        self._data.qpos[:] = s.qpos[env_id].cpu().numpy()
+        self._data.qvel[:] = s.qvel[env_id].cpu().numpy()
+        if s.mjm.nmocap:
+            self._data.mocap_pos[:] = s.mocap_pos[env_id].cpu().numpy()
+        mujoco.mj_forward(s.mjm, self._data)
+        self._renderer.update_scene(self._data, camera=self.camera)
+        return self._renderer.render()
+
+    def close(self):
+        self._renderer.close()
+
+
+def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: float) -> None:
+    """Write frames as an H.264 mp4 (through imageio's bundled ffmpeg); a temporary file then a rename, so a
+    killed run never leaves a truncated video behind."""
+    import imageio.v2 as imageio  # only video capture needs it
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.mp4")
+    with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=8, quality=7) as writer:
+        for f in frames:
+            writer.append_data(f)
+    os.replace(tmp, path)

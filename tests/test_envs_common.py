@@ -1,0 +1,258 @@
+"""The shared simulation layer against references: MuJoCo's C engine, MuJoCo's own quaternion functions, and
+hand-checked invariants (resets, standing, overflow detection, errors). Real physics on the CPU."""
+
+import os
+import subprocess
+import sys
+
+import mujoco
+import numpy as np
+import pytest
+import torch
+
+import envs_common as ec
+
+ASSETS = {"go1": "go1.xml", "panda": "panda.xml"}
+
+
+@pytest.fixture(scope="module", params=sorted(ASSETS))
+def model(request):
+    return request.param, ec.load_model(ASSETS[request.param])
+
+
+def _c_data_from_world(mjm, sim, i):
+    data = mujoco.MjData(mjm)
+    data.qpos[:] = sim.qpos[i].double().numpy()
+    data.qvel[:] = sim.qvel[i].double().numpy()
+    data.ctrl[:] = sim.ctrl[i].double().numpy()
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MuJoCo Warp (float32, batched) against MuJoCo's C engine (float64, one world at a time)
+# ---------------------------------------------------------------------------------------------------------------
+# Stated tolerance: after 300 physics steps (1.5 s) from perturbed states under random controls, every world's
+# generalized positions agree with mj_step's to within QPOS_TOL (rad or m). Both engines run the same model; the
+# difference is float32 against float64 arithmetic, which grows through the quadruped's contact onsets (it is
+# dropped onto the floor) and stays tiny for the contact-free arm.
+QPOS_TOL = {"go1": 1e-2, "panda": 1e-4}
+
+
+def test_batched_sim_matches_mujoco_c(model):
+    name, mjm = model
+    n, steps = 4, 300
+    gen = torch.Generator().manual_seed(0)
+    sim = ec.BatchedSim(mjm, n, "cpu", decimation=1)
+    qpos = sim.default_qpos.expand(n, -1).clone()
+    free = 7 if mjm.jnt_type[0] == mujoco.mjtJoint.mjJNT_FREE else 0
+    qpos[:, free:] += 0.1 * torch.randn(n, mjm.nq - free, generator=gen)
+    if free:
+        qpos[:, 2] += 0.05  # drop the quadruped from a little above the ground: contacts form during the test
+    lo, hi = torch.tensor(mjm.actuator_ctrlrange, dtype=torch.float32).T
+    ctrl = sim.default_ctrl + 0.2 * torch.randn(n, mjm.nu, generator=gen)
+    ctrl = torch.maximum(torch.minimum(ctrl, hi), lo)
+    sim.reset(torch.ones(n, dtype=torch.bool), qpos, ctrl=ctrl)
+    refs = [_c_data_from_world(mjm, sim, i) for i in range(n)]
+    for _ in range(steps):
+        sim.step()
+        for data in refs:
+            mujoco.mj_step(mjm, data)
+    for i, data in enumerate(refs):
+        err = np.abs(sim.qpos[i].double().numpy() - data.qpos).max()
+        print(f"{name} world {i}: max |qpos error| {err:.2e}")
+        assert err < QPOS_TOL[name], f"{name} world {i}: |qpos - mj_step qpos| = {err:.2e} after {steps} steps"
+        mujoco.mj_kinematics(mjm, data)
+        assert np.abs(sim.xpos[i].double().numpy() - data.xpos).max() < QPOS_TOL[name]
+    assert not sim.overflowed().any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resets
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("by", ["mask", "ids"])
+def test_reset_touches_only_the_chosen_worlds(model, by):
+    name, mjm = model
+    n = 6
+    sim = ec.BatchedSim(mjm, n, "cpu", decimation=2)
+    sim.ctrl.add_(0.3 * torch.randn(n, mjm.nu, generator=torch.Generator().manual_seed(1)))
+    for _ in range(5):
+        sim.step()
+    views = {k: getattr(sim, k).clone() for k in ("qpos", "qvel", "ctrl", "xpos", "xquat", "site_xpos")}
+    chosen = torch.tensor([1, 4])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[chosen] = True
+    target_q = sim.default_qpos + 0.05 * torch.arange(1, mjm.nq + 1) / mjm.nq
+    target_v = 0.01 * torch.arange(mjm.nv, dtype=torch.float32)
+    if by == "mask":
+        sim.reset(mask, target_q.expand(n, -1), target_v.expand(n, -1))
+    else:
+        sim.reset(chosen, target_q.expand(2, -1), target_v.expand(2, -1))
+    for k, before in views.items():
+        assert torch.equal(getattr(sim, k)[~mask], before[~mask]), f"{name}: reset changed {k} of other worlds"
+    assert torch.equal(sim.qpos[mask], target_q.expand(2, -1))
+    assert torch.equal(sim.qvel[mask], target_v.expand(2, -1))
+    # Body poses of the reset worlds are those of the new qpos, right away (MuJoCo's C kinematics as reference).
+    data = mujoco.MjData(mjm)
+    data.qpos[:] = target_q.double().numpy()
+    mujoco.mj_kinematics(mjm, data)
+    for i in chosen.tolist():
+        np.testing.assert_allclose(sim.xpos[i].numpy(), data.xpos, atol=1e-5)
+        np.testing.assert_allclose(sim.xquat[i].numpy(), data.xquat, atol=1e-5)
+    # Stepping after a reset behaves like a fresh world: same state in, same state out.
+    sim.reset(torch.ones(n, dtype=torch.bool), target_q.expand(n, -1), ctrl=sim.default_ctrl.expand(n, -1))
+    sim.step()
+    assert torch.allclose(sim.qpos, sim.qpos[:1].expand(n, -1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Standing and holding under the models' own PD actuation, with one and with many worlds
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 64])
+def test_home_pose_is_stable(model, n):
+    name, mjm = model
+    sim = ec.BatchedSim(mjm, n, "cpu", decimation=4, contact_forces=True)
+    steps = int(round(2.0 / (mjm.opt.timestep * sim.decimation)))  # 2 s
+    start = sim.qpos.clone()
+    lowest = torch.full((n,), 1e9)
+    for _ in range(steps):
+        sim.step()
+        if name == "go1":
+            lowest = torch.minimum(lowest, sim.qpos[:, 2])
+    assert torch.isfinite(sim.qpos).all()
+    if name == "go1":
+        trunk = sim.body_id("trunk")
+        up = ec.projected_gravity(sim.qpos[:, 3:7])[:, 2]
+        assert (up < -0.98).all(), "trunk tipped over"
+        assert (lowest > start[:, 2] - 0.08).all(), f"trunk sagged to {lowest.min():.3f} m from {start[0, 2]:.3f}"
+        assert (sim.contact_force[:, trunk].norm(dim=-1) == 0).all(), "trunk touched the ground"
+        feet = [sim.body_id(f"{leg}_foot") for leg in ("FR", "FL", "RR", "RL")]
+        weight = float(mjm.body_subtreemass[1] * 9.81)
+        support = sim.contact_force[:, feet, 2].sum(-1)
+        assert torch.allclose(support, torch.full_like(support, weight), rtol=0.05), "feet do not carry the weight"
+        assert sim.qvel.abs().max() < 0.05, "not at rest after 2 s"
+    else:
+        assert (sim.qpos - start).abs().max() < 0.01, "arm drifted from its home pose"
+        assert sim.qvel.abs().max() < 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contact buffers: sized from the model, overflow detected per world instead of contacts dropped silently
+# ---------------------------------------------------------------------------------------------------------------
+def test_contact_overflow_is_detected():
+    mjm = ec.load_model(ASSETS["go1"])
+    nconmax, njmax = ec.contact_capacity(mjm)
+    assert nconmax >= 4 + 1  # at least the four feet and the trunk can touch the floor
+    assert njmax >= 4 * 4
+    sim = ec.BatchedSim(mjm, 3, "cpu", decimation=4, nconmax=1)  # far too small for four feet on the ground
+    sim.step()
+    assert sim.overflowed().all()
+    sim.reset(torch.tensor([0, 1, 2]), sim.default_qpos.expand(3, -1))
+    assert not sim.overflowed().any(), "a reset clears the overflow flags"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quaternion helpers against MuJoCo's mju_* functions on random inputs
+# ---------------------------------------------------------------------------------------------------------------
+def _random_quats(n, seed=0):
+    q = np.random.default_rng(seed).normal(size=(n, 4))
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_quaternion_helpers_match_mujoco():
+    n = 200
+    q = _random_quats(n)
+    v = np.random.default_rng(1).normal(size=(n, 3))
+    qt, vt = torch.tensor(q), torch.tensor(v)
+    rot, rot_inv, mul, mat = np.zeros((n, 3)), np.zeros((n, 3)), np.zeros((n, 4)), np.zeros(9)
+    q2 = _random_quats(n, seed=2)
+    for i in range(n):
+        mujoco.mju_rotVecQuat(rot[i], v[i], q[i])
+        neg = np.zeros(4)
+        mujoco.mju_negQuat(neg, q[i])
+        mujoco.mju_rotVecQuat(rot_inv[i], v[i], neg)
+        mujoco.mju_mulQuat(mul[i], q[i], q2[i])
+    np.testing.assert_allclose(ec.quat_rotate(qt, vt).numpy(), rot, atol=1e-12)
+    np.testing.assert_allclose(ec.quat_rotate_inverse(qt, vt).numpy(), rot_inv, atol=1e-12)
+    np.testing.assert_allclose(ec.quat_mul(qt, torch.tensor(q2)).numpy(), mul, atol=1e-12)
+    np.testing.assert_allclose(ec.quat_rotate(ec.quat_conjugate(qt), ec.quat_rotate(qt, vt)).numpy(), v, atol=1e-12)
+    # Projected gravity: the world's down axis expressed in the body frame, i.e. -(third row of R).
+    grav = ec.projected_gravity(qt).numpy()
+    rpy = ec.quat_to_rpy(qt).numpy()
+    for i in range(n):
+        mujoco.mju_quat2Mat(mat, q[i])
+        r = mat.reshape(3, 3)
+        np.testing.assert_allclose(grav[i], -r[2], atol=1e-12)
+        # ZYX Euler angles rebuild the same rotation matrix.
+        roll, pitch, yaw = rpy[i]
+        rebuilt = np.zeros(4)
+        parts = [np.zeros(4) for _ in range(3)]
+        mujoco.mju_axisAngle2Quat(parts[0], [0, 0, 1], yaw)
+        mujoco.mju_axisAngle2Quat(parts[1], [0, 1, 0], pitch)
+        mujoco.mju_axisAngle2Quat(parts[2], [1, 0, 0], roll)
+        tmp = np.zeros(4)
+        mujoco.mju_mulQuat(tmp, parts[0], parts[1])
+        mujoco.mju_mulQuat(rebuilt, tmp, parts[2])
+        assert min(np.abs(rebuilt - q[i]).max(), np.abs(rebuilt + q[i]).max()) < 1e-9
+        np.testing.assert_allclose(ec.yaw_from_quat(qt[i]).item(), np.arctan2(r[1, 0], r[0, 0]), atol=1e-9)
+    yaw = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    for y, qy in zip(yaw.tolist(), ec.quat_from_yaw(yaw).numpy()):
+        ref = np.zeros(4)
+        mujoco.mju_axisAngle2Quat(ref, [0, 0, 1], y)
+        np.testing.assert_allclose(qy, ref, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering, seeding
+# ---------------------------------------------------------------------------------------------------------------
+def test_renderer_draws_the_robot(model):
+    name, mjm = model
+    sim = ec.BatchedSim(mjm, 2, "cpu")
+    camera = {"go1": "track", "panda": "front"}[name]
+    renderer = ec.Renderer(sim, width=160, height=120, camera=camera)
+    try:
+        img = renderer.render(env_id=1)
+    finally:
+        renderer.close()
+    assert img.shape == (120, 160, 3) and img.dtype == np.uint8
+    assert img.std() > 10, "blank image"
+
+
+def test_no_rendering_backend_is_a_clear_error():
+    # A machine with no usable EGL driver: point libglvnd at no vendor at all, so EGL fails for real.
+    code = ("import envs_common as ec\n"
+            "sim = ec.BatchedSim(ec.load_model('panda.xml'), 1, 'cpu')\n"
+            "try:\n    ec.Renderer(sim)\nexcept ec.UserError as e:\n    print('USERERROR', e)\n")
+    env = {**os.environ, "MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert "USERERROR" in out.stdout, out.stdout + out.stderr
+    assert "MUJOCO_GL=egl" in out.stdout and "MUJOCO_GL=osmesa" in out.stdout and "libosmesa6" in out.stdout
+
+
+def test_seed_everything_repeats_all_generators():
+    def draw():
+        ec.seed_everything(123)
+        return __import__("random").random(), np.random.rand(), torch.rand(1).item()
+    assert draw() == draw()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: clear errors that name the fix
+# ---------------------------------------------------------------------------------------------------------------
+def test_missing_asset_is_a_clear_error():
+    with pytest.raises(ec.UserError, match="asset file not found"):
+        ec.load_model("no_such_robot.xml")
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_nonpositive_env_count_is_a_clear_error(n):
+    with pytest.raises(ec.UserError, match="at least 1"):
+        ec.BatchedSim(ec.load_model(ASSETS["panda"]), n, "cpu")
+
+
+def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ec.UserError, match="--device cpu"):
+        ec.resolve_device("cuda")
+    assert ec.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ec.UserError, match="unknown device"):
+        ec.resolve_device("gpu0")
