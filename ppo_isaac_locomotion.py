@@ -1,0 +1,788 @@
+"""PPO that teaches a Go1-class quadruped to walk on command, thousands of robots at once on one GPU.
+
+    python ppo_isaac_locomotion.py --num-envs 4096 --track
+
+The whole pipeline stays on the device, as in Isaac Gym (here on MuJoCo Warp):
+  policy (torch) -> joint position targets written into the simulator's ctrl tensor (zero-copy)
+  -> 4 physics sub-steps at 200 Hz replayed from one CUDA graph -> qpos/qvel/contact-force views refreshed in place
+  -> observations, rewards, terminations and per-environment resets computed in torch -> rollout buffer -> PPO update.
+Nothing is copied to the host inside the rollout loop; statistics are read once per iteration.
+
+Read top to bottom: Args, the environment (Go1Env, its reward terms), the observation normalizer, ActorCritic,
+then PPO (rollout, GAE, update) with logging, checkpoints, evaluation, export and video.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.distributions import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+import envs_common as ec
+from envs_common import UserError
+
+SCRIPT = Path(__file__).stem
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """the name of this experiment (the first part of the run's directory name)"""
+    seed: int = 1
+    """seed of the experiment (Python, NumPy, torch)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: str = "auto"
+    """'auto' (the first GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'"""
+    track: bool = False
+    """if toggled, this experiment is tracked with Weights and Biases"""
+    wandb_project_name: str = "isaac-ppo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, render an mp4 of one environment every `video_interval` iterations (in runs/<run>/videos)"""
+    video_interval: int = 200
+    """iterations between two videos"""
+    video_length: int = 250
+    """policy steps (at 50 Hz) in one video"""
+    save_interval: int = 100
+    """iterations between two checkpoints (one is always written at the end)"""
+    checkpoint: Optional[str] = None
+    """a checkpoint to resume training from, or the policy to play with --eval or to write out with --export"""
+    eval: bool = False
+    """play the deterministic policy of --checkpoint on fresh commands and print its metrics; no training"""
+    export: bool = False
+    """write the policy of --checkpoint, observation normalizer folded in, as TorchScript and ONNX"""
+
+    # Sizes
+    num_envs: Optional[int] = None
+    """number of parallel environments (default: 4096 on a GPU, 32 on the CPU)"""
+    num_iterations: Optional[int] = None
+    """number of PPO iterations, each of num_envs * num_steps environment steps (default: 1000 on a GPU, 5 on the CPU)"""
+    num_steps: int = 24
+    """environment steps per environment per iteration (rollout length)"""
+
+    # PPO (values of rsl_rl's PPO for legged_gym, which train this task in minutes)
+    learning_rate: float = 1e-3
+    """the initial learning rate of Adam; then adapted to keep the KL divergence near `desired_kl`"""
+    desired_kl: float = 0.01
+    """target KL divergence between successive policies for the adaptive learning rate (0 turns adaptation off)"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: int = 4
+    """the number of minibatches per epoch"""
+    update_epochs: int = 5
+    """the number of epochs over the rollout per update"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """clip the value loss like the policy loss"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 1.0
+    """coefficient of the value loss"""
+    max_grad_norm: float = 1.0
+    """the maximum norm for gradient clipping"""
+    init_noise_std: float = 1.0
+    """initial standard deviation of the Gaussian policy"""
+    obs_clip: float = 5.0
+    """normalized observations are clipped to [-obs_clip, obs_clip]"""
+
+    # Task
+    episode_length_s: float = 20.0
+    """episode length in seconds; reaching it is a time-out, not a termination (the value is bootstrapped)"""
+    command_resample_s: float = 10.0
+    """seconds between two resamplings of an environment's velocity command"""
+    action_scale: float = 0.25
+    """joint target = home pose + action_scale * action (rad), as legged_gym"""
+    eval_interval: int = 100
+    """iterations between two deterministic evaluations logged under eval/ (0: never)"""
+    eval_envs: int = 1024
+    """environments of a deterministic evaluation (on a CPU: at most num_envs)"""
+    eval_episodes: int = 1
+    """episodes per environment in an evaluation (each episode_length_s long unless the robot falls)"""
+
+
+# ==================================================================================================================
+# The environment: a Go1-class quadruped tracking a commanded base velocity on flat ground
+# ==================================================================================================================
+# Reward scales, per second of simulated time (each term is multiplied by its scale and by the policy step dt).
+# Values follow legged_gym's LeggedRobotCfg/A1 configuration (github.com/leggedrobotics/legged_gym) unless noted.
+REWARD_SCALES = {
+    "tracking_lin_vel": 1.0,     # exp(-|v_xy command error|^2 / 0.25)
+    "tracking_ang_vel": 0.5,     # exp(-(yaw rate error)^2 / 0.25)
+    "lin_vel_z": -2.0,           # vertical base velocity^2
+    "ang_vel_xy": -0.05,         # roll and pitch rates^2
+    "orientation": -1.0,         # tilt: |projected gravity xy|^2 (Isaac Lab's flat Go1 uses -2.5)
+    "base_height": -10.0,        # (height - target)^2
+    "torques": -1e-5,            # |torque|^2
+    "energy": -1e-3,             # sum |torque * joint velocity| (mechanical power, W)
+    "dof_acc": -2.5e-7,          # |joint acceleration|^2
+    "action_rate": -0.01,        # |a_t - a_{t-1}|^2: smoothness
+    "feet_air_time": 1.0,        # rewards steps of about 0.5 s, only while asked to move
+    "collision": -1.0,           # thigh or calf touching the ground
+    "termination": -10.0,        # falling (not time-outs)
+}
+# Command ranges (m/s, m/s, rad/s): legged_gym's defaults.
+COMMAND_RANGES = {"lin_vel_x": (-1.0, 1.0), "lin_vel_y": (-1.0, 1.0), "ang_vel_yaw": (-1.0, 1.0)}
+TRACKING_SIGMA = 0.25
+FEET = ("FR_foot", "FL_foot", "RR_foot", "RL_foot")
+LEG_LINKS = tuple(f"{leg}_{part}" for leg in ("FR", "FL", "RR", "RL") for part in ("thigh", "calf"))
+
+
+class Go1Env:
+    """Batched velocity-tracking task. All state lives in (num_envs, ...) tensors on the device.
+
+    Observation layout (48 values; normalized later by ObservationNormalizer, so no hand-tuned scales):
+      [0:3]   base linear velocity, base frame (m/s)      [3:6]   base angular velocity, base frame (rad/s)
+      [6:9]   projected gravity (unit, base frame)        [9:12]  command (vx, vy, yaw rate)
+      [12:24] joint positions minus the home pose (rad)   [24:36] joint velocities (rad/s)
+      [36:48] last actions
+    """
+
+    num_obs, num_actions = 48, 12
+
+    def __init__(self, num_envs: int, device: torch.device, args: Args):
+        self.args, self.device, self.num_envs = args, device, num_envs
+        mjm = ec.load_model("go1.xml")
+        # 200 Hz physics, 50 Hz policy, as legged_gym (sim dt 0.005, decimation 4).
+        self.sim = ec.BatchedSim(mjm, num_envs, device, decimation=4, contact_forces=True)
+        self.dt = mjm.opt.timestep * self.sim.decimation
+        self.max_episode_length = int(round(args.episode_length_s / self.dt))
+        self.resample_steps = int(round(args.command_resample_s / self.dt))
+        s = self.sim
+        # Views into the simulator (Isaac Gym: root state tensor and DOF state tensor).
+        self.root_pos, self.root_quat = s.qpos[:, 0:3], s.qpos[:, 3:7]
+        self.root_lin_vel_w, self.root_ang_vel_b = s.qvel[:, 0:3], s.qvel[:, 3:6]  # MuJoCo: angular in body frame
+        self.dof_pos, self.dof_vel = s.qpos[:, 7:], s.qvel[:, 6:]
+        self.default_dof_pos = s.default_qpos[7:]
+        self.base_height_target = float(s.default_qpos[2]) - 0.02  # home height, a little crouched
+        self.trunk = s.body_id("trunk")
+        self.feet = torch.tensor([s.body_id(f) for f in FEET], device=device)
+        self.leg_links = torch.tensor([s.body_id(b) for b in LEG_LINKS], device=device)
+
+        z = lambda *shape: torch.zeros(num_envs, *shape, device=device)  # noqa: E731
+        self.actions, self.last_actions, self.last_dof_vel = z(12), z(12), z(12)
+        self.commands = z(3)
+        self.feet_air_time, self.last_contacts = z(4), z(4).bool()
+        self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self.reward_names = list(REWARD_SCALES)
+        self.episode_sums = {name: z() for name in self.reward_names}
+        self.episode_return = z()
+        # Statistics of finished episodes and of tracking, summed on the device and read once per iteration.
+        self.stats = {k: torch.zeros((), device=device) for k in
+                      ["episodes", "falls", "return", "length", "lin_err", "ang_err", "err_steps"]
+                      + [f"rew_{n}" for n in self.reward_names]}
+        self.gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _rand(self, *shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=self.gen, device=self.device)
+
+    def _sample_commands(self, mask: torch.Tensor):
+        lo = torch.tensor([r[0] for r in COMMAND_RANGES.values()], device=self.device)
+        hi = torch.tensor([r[1] for r in COMMAND_RANGES.values()], device=self.device)
+        cmd = lo + (hi - lo) * self._rand(self.num_envs, 3)
+        cmd[:, :2] *= (cmd[:, :2].norm(dim=1, keepdim=True) > 0.2)  # tiny commands mean "stand still"
+        self.commands.copy_(torch.where(mask[:, None], cmd, self.commands))
+
+    def reset(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reset the environments in `mask` (all if None) on the device and return all observations."""
+        if mask is None:
+            mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        n, s = self.num_envs, self.sim
+        qpos = s.default_qpos.expand(n, -1).clone()
+        qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-np.pi, hi=np.pi))  # any heading
+        qpos[:, 7:] = self.default_dof_pos * self._rand(n, 12, lo=0.5, hi=1.5)  # legged_gym: home * U(0.5, 1.5)
+        qvel = torch.zeros(n, s.mjm.nv, device=self.device)
+        qvel[:, 0:6] = self._rand(n, 6, lo=-0.5, hi=0.5)  # legged_gym: base velocities U(-0.5, 0.5)
+        s.reset(mask, qpos, qvel, ctrl=qpos[:, 7:])
+        m = mask[:, None]
+        for t in (self.actions, self.last_actions, self.last_dof_vel, self.feet_air_time):
+            t.masked_fill_(m, 0.0)
+        self.last_contacts.masked_fill_(m, False)
+        self.episode_length.masked_fill_(mask, 0)
+        self._sample_commands(mask)
+        return self._observe()
+
+    def _observe(self) -> torch.Tensor:
+        return torch.cat([
+            self.base_lin_vel, self.root_ang_vel_b, self.projected_gravity, self.commands,
+            self.dof_pos - self.default_dof_pos, self.dof_vel, self.actions], dim=-1)
+
+    @property
+    def base_lin_vel(self):
+        return ec.quat_rotate_inverse(self.root_quat, self.root_lin_vel_w)
+
+    @property
+    def projected_gravity(self):
+        return ec.projected_gravity(self.root_quat)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def step(self, actions: torch.Tensor):
+        """Apply actions for one policy step (4 physics steps). Returns (obs, reward, terminated, truncated,
+        final_obs): for environments that ended, obs is already the first observation of their next episode and
+        final_obs their last one (to bootstrap the value on time-outs)."""
+        self.actions = actions.clamp(-100.0, 100.0)  # legged_gym's clip_actions
+        self.sim.ctrl.copy_(self.default_dof_pos + self.args.action_scale * self.actions)  # PD targets
+        self.sim.step()
+        self.episode_length += 1
+
+        # Contacts (Isaac Gym: net contact force tensor) and terminations.
+        forces = self.sim.contact_force
+        self.foot_contact = forces[:, self.feet, 2] > 1.0
+        self.leg_contact = forces[:, self.leg_links].norm(dim=-1) > 0.1
+        fell = (forces[:, self.trunk].norm(dim=-1) > 1.0) | (self.projected_gravity[:, 2] > -0.5)  # > 60 deg tilt
+        truncated = (self.episode_length >= self.max_episode_length) & ~fell
+        self.terminated = fell
+
+        reward = self._compute_reward()
+        self._accumulate_stats(reward, fell, truncated)
+
+        # Commands are resampled mid-episode, so a policy learns to change gait on the fly.
+        resample = (self.episode_length % self.resample_steps == 0)
+        self._sample_commands(resample)
+        self.last_actions.copy_(self.actions)
+        self.last_dof_vel.copy_(self.dof_vel)
+
+        final_obs = self._observe()
+        done = fell | truncated
+        obs = self.reset(done)
+        return obs, reward, fell, truncated, final_obs
+
+    def _compute_reward(self) -> torch.Tensor:
+        total = torch.zeros(self.num_envs, device=self.device)
+        for name in self.reward_names:
+            if name == "termination":
+                continue
+            term = getattr(self, f"_reward_{name}")() * REWARD_SCALES[name] * self.dt
+            self.episode_sums[name] += term
+            total += term
+        total.clamp_(min=0.0)  # legged_gym's only_positive_rewards: penalties never make ending early attractive
+        term = self._reward_termination() * REWARD_SCALES["termination"] * self.dt
+        self.episode_sums["termination"] += term
+        return total + term
+
+    def _accumulate_stats(self, reward, fell, truncated):
+        st, done = self.stats, fell | truncated
+        self.episode_return += reward
+        st["episodes"] += done.sum()
+        st["falls"] += fell.sum()
+        st["return"] += (self.episode_return * done).sum()
+        st["length"] += (self.episode_length * done).sum()
+        st["lin_err"] += (self.commands[:, :2] - self.base_lin_vel[:, :2]).norm(dim=1).sum()
+        st["ang_err"] += (self.commands[:, 2] - self.root_ang_vel_b[:, 2]).abs().sum()
+        st["err_steps"] += self.num_envs
+        for name in self.reward_names:
+            st[f"rew_{name}"] += (self.episode_sums[name] * done).sum()
+            self.episode_sums[name].masked_fill_(done, 0.0)
+        self.episode_return.masked_fill_(done, 0.0)
+
+    def pop_stats(self) -> dict[str, float]:
+        """Means since the last call (one host sync). Episode means are over the episodes that ended."""
+        values = dict(zip(self.stats, torch.stack(list(self.stats.values())).tolist()))
+        for t in self.stats.values():
+            t.zero_()
+        episodes, steps = max(values["episodes"], 1.0), max(values["err_steps"], 1.0)
+        out = {"lin_vel_error": values["lin_err"] / steps, "yaw_rate_error": values["ang_err"] / steps}
+        if values["episodes"] > 0:
+            out.update(episodes=values["episodes"], fall_rate=values["falls"] / episodes,
+                       episodic_return=values["return"] / episodes,
+                       episodic_length_s=values["length"] / episodes * self.dt)
+            out.update({f"reward_{n}": values[f"rew_{n}"] / episodes for n in self.reward_names})
+        return out
+
+    # ---- Reward terms: one small function each, scaled by REWARD_SCALES ----------------------------------------
+    def _reward_tracking_lin_vel(self):
+        err = (self.commands[:, :2] - self.base_lin_vel[:, :2]).square().sum(dim=1)
+        return torch.exp(-err / TRACKING_SIGMA)
+
+    def _reward_tracking_ang_vel(self):
+        err = (self.commands[:, 2] - self.root_ang_vel_b[:, 2]).square()
+        return torch.exp(-err / TRACKING_SIGMA)
+
+    def _reward_lin_vel_z(self):
+        return self.base_lin_vel[:, 2].square()
+
+    def _reward_ang_vel_xy(self):
+        return self.root_ang_vel_b[:, :2].square().sum(dim=1)
+
+    def _reward_orientation(self):
+        return self.projected_gravity[:, :2].square().sum(dim=1)
+
+    def _reward_base_height(self):
+        return (self.root_pos[:, 2] - self.base_height_target).square()
+
+    def _reward_torques(self):
+        return self.sim.act_force.square().sum(dim=1)
+
+    def _reward_energy(self):
+        return (self.sim.act_force * self.dof_vel).abs().sum(dim=1)
+
+    def _reward_dof_acc(self):
+        return ((self.dof_vel - self.last_dof_vel) / self.dt).square().sum(dim=1)
+
+    def _reward_action_rate(self):
+        return (self.actions - self.last_actions).square().sum(dim=1)
+
+    def _reward_feet_air_time(self):
+        # legged_gym: on touchdown, reward (air time - 0.5 s); contact is OR-ed with the previous step's
+        # because the contact force of a foot on flat ground flickers.
+        contact = self.foot_contact | self.last_contacts
+        first_contact = (self.feet_air_time > 0.0) & contact
+        self.feet_air_time += self.dt
+        reward = ((self.feet_air_time - 0.5) * first_contact).sum(dim=1)
+        reward *= self.commands[:, :2].norm(dim=1) > 0.1
+        self.feet_air_time *= ~contact
+        self.last_contacts = self.foot_contact
+        return reward
+
+    def _reward_collision(self):
+        return self.leg_contact.float().sum(dim=1)
+
+    def _reward_termination(self):
+        return self.terminated.float()
+
+
+# ==================================================================================================================
+# Observation normalizer
+# ==================================================================================================================
+class ObservationNormalizer(nn.Module):
+    """Running mean and variance of every observation over all environments and steps seen so far.
+
+    Each batch is merged exactly (Chan et al.'s parallel algorithm), so the statistics equal those of all batches
+    concatenated. Saved with the model (buffers), frozen at evaluation time.
+    """
+
+    def __init__(self, size: int, clip: float = 5.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("var", torch.ones(size))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        batch_mean, batch_var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+        total = self.count + n
+        w = (n / total).float()  # weight of the new batch
+        delta = batch_mean - self.mean
+        self.mean += delta * w
+        # M2 (sum of squared deviations) of the union = M2_a + M2_b + delta^2 * n_a * n_b / n
+        self.var.copy_(self.var * (1 - w) + batch_var * w + delta.square() * w * (1 - w))
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+# ==================================================================================================================
+# Actor-critic
+# ==================================================================================================================
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(sizes: list[int], out_std: float) -> nn.Sequential:
+    layers = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [layer_init(nn.Linear(a, b)), nn.ELU()]
+    return nn.Sequential(*layers, layer_init(nn.Linear(sizes[-2], sizes[-1]), std=out_std))
+
+
+class ActorCritic(nn.Module):
+    """Separate actor and critic MLPs, [512, 256, 128] with ELU (legged_gym's ActorCritic), and a state-independent
+    learnable log standard deviation for the Gaussian policy."""
+
+    def __init__(self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(512, 256, 128)):
+        super().__init__()
+        self.actor = mlp([num_obs, *hidden, num_actions], out_std=0.01)
+        self.critic = mlp([num_obs, *hidden, 1], out_std=1.0)
+        self.actor_logstd = nn.Parameter(torch.full((num_actions,), float(np.log(init_noise_std))))
+
+    def get_value(self, x):
+        return self.critic(x).squeeze(-1)
+
+    def get_action_and_value(self, x, action=None):
+        mean = self.actor(x)
+        dist = Normal(mean, self.actor_logstd.exp().expand_as(mean))
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.get_value(x)
+
+    def act_deterministic(self, x):
+        return self.actor(x)
+
+
+# ==================================================================================================================
+# PPO pieces
+# ==================================================================================================================
+def compute_gae(rewards, values, dones, next_value, gamma: float, gae_lambda: float):
+    """Generalized advantage estimation over a (T, N) rollout.
+
+    dones[t] is True when the episode ended after step t (fell or timed out); a time-out's reward already holds
+    gamma * V(final observation), so cutting the bootstrap at every done is right for both kinds of ending.
+    next_value is V of the observation after the last step. Returns (advantages, returns).
+    """
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_v = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        not_done = 1.0 - dones[t].to(rewards.dtype)
+        delta = rewards[t] + gamma * next_v * not_done - values[t]
+        last = delta + gamma * gae_lambda * not_done * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+class DeployedPolicy(nn.Module):
+    """Raw observation -> joint action, with the normalizer folded in: what a robot runs."""
+
+    def __init__(self, normalizer: ObservationNormalizer, actor: nn.Module):
+        super().__init__()
+        self.normalizer, self.actor = normalizer, actor
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(self.normalizer(obs)).clamp(-100.0, 100.0)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic: write a temporary file, then rename over the target, so a kill never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path} (look in runs/<run>/checkpoints/)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file: one message
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated or not a "
+                        "checkpoint; use another one, e.g. runs/<run>/checkpoints/latest.pt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        raise UserError(f"{path} is not a checkpoint of {SCRIPT}.py (it comes from "
+                        f"{ckpt.get('script', 'something else') if isinstance(ckpt, dict) else 'something else'})")
+    if (ckpt["obs_dim"], ckpt["act_dim"]) != (Go1Env.num_obs, Go1Env.num_actions):
+        raise UserError(f"{path} has {ckpt['obs_dim']} observations and {ckpt['act_dim']} actions; "
+                        f"this task has {Go1Env.num_obs} and {Go1Env.num_actions}")
+    return ckpt
+
+
+@torch.no_grad()
+def evaluate(agent, normalizer, device, args, num_envs: int) -> dict[str, float]:
+    """Deterministic policy on fresh environments and commands, for eval_episodes full episodes per environment
+    (an environment that falls starts a new episode and counts one fall)."""
+    env = Go1Env(num_envs, device, dataclasses.replace(args, seed=args.seed + 10_000))
+    obs = env.reset()
+    for _ in range(env.max_episode_length * args.eval_episodes):
+        obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
+    stats = env.pop_stats()
+    return {"lin_vel_error": stats["lin_vel_error"], "yaw_rate_error": stats["yaw_rate_error"],
+            "fall_rate": stats.get("fall_rate", 0.0), "episode_length_s": stats.get("episodic_length_s", 0.0),
+            "episodes": stats.get("episodes", 0.0)}
+
+
+def speed_gauge(frame: np.ndarray, command: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Draw three gauges (vx, vy, yaw rate; range -1.5..1.5) at the top of a video frame: green = command,
+    red = actual. Plain NumPy, so no font or GUI toolkit is needed."""
+    frame = frame.copy()
+    h, w, _ = frame.shape
+    for row, (c, a) in enumerate(zip(command, actual)):
+        y = 8 + row * 14
+        frame[y:y + 8, 10:w - 10] = 40
+        frame[y:y + 8, w // 2] = 255
+        for value, color in ((c, (0, 220, 0)), (a, (230, 30, 30))):
+            x = int(w / 2 + np.clip(value / 1.5, -1, 1) * (w / 2 - 12))
+            frame[y:y + 8, max(x - 2, 0):x + 2] = color
+    return frame
+
+
+@torch.no_grad()
+def record_video(agent, normalizer, device, args, path: Path) -> None:
+    """One environment under the deterministic policy, rendered on the host (outside the training loop)."""
+    env = Go1Env(1, device, dataclasses.replace(args, seed=args.seed + 20_000))
+    renderer = ec.Renderer(env.sim, width=640, height=480, camera="track")
+    obs, frames, log = env.reset(), [], []
+    try:
+        for _ in range(args.video_length):
+            obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
+            command = env.commands[0].cpu().numpy()
+            actual = torch.cat([env.base_lin_vel[0, :2], env.root_ang_vel_b[0, 2:]]).cpu().numpy()
+            frames.append(speed_gauge(renderer.render(0), command, actual))
+            log.append({"t": len(log) * env.dt, "command": command.tolist(), "actual": actual.tolist()})
+    finally:
+        renderer.close()
+    ec.save_video(frames, path, fps=1.0 / env.dt)
+    path.with_suffix(".json").write_text(json.dumps(log))  # commanded vs actual velocity, frame by frame
+
+
+def run_dir_of(ckpt_path: str) -> Path:
+    """runs/<run>/ for runs/<run>/checkpoints/x.pt; else the checkpoint's own folder."""
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def export_policy(agent, normalizer, ckpt_path: str) -> list[Path]:
+    out_dir = run_dir_of(ckpt_path) / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = DeployedPolicy(normalizer, agent.actor).cpu().eval()
+    example = torch.zeros(1, Go1Env.num_obs)
+    written = [out_dir / "policy.pt"]
+    torch.jit.trace(policy, example).save(str(written[0]))
+    try:
+        torch.onnx.export(policy, (example,), str(out_dir / "policy.onnx"), input_names=["obs"],
+                          output_names=["actions"], dynamic_axes={"obs": {0: "batch"}}, dynamo=False)
+        written.append(out_dir / "policy.onnx")
+    except Exception as e:  # noqa: BLE001 - ONNX is optional: TorchScript was written
+        print(f"note: ONNX export skipped ({type(e).__name__}: {e}); pip install onnx to enable it")
+    return written
+
+
+# ==================================================================================================================
+# Main: PPO
+# ==================================================================================================================
+def check_args(args: Args) -> None:
+    """Reject bad input before anything is created or written."""
+    for name in ("num_envs", "num_iterations", "num_steps", "num_minibatches", "update_epochs", "save_interval",
+                 "video_interval", "video_length", "eval_envs", "eval_episodes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if (args.eval or args.export) and not args.checkpoint:
+        raise UserError(f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint "
+                        "runs/<run>/checkpoints/latest.pt")
+    if args.num_envs is not None and (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise UserError(f"the batch of num_envs * num_steps = {args.num_envs * args.num_steps} does not split into "
+                        f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs")
+
+
+def main(args: Args) -> None:
+    check_args(args)
+    device = ec.resolve_device(args.device)
+    if device.type == "cpu" and (args.num_envs is None or args.num_iterations is None):
+        print(f"note: no GPU in use, so running small on the CPU (--num-envs {args.num_envs or 32}, --num-iterations "
+              f"{args.num_iterations or 5}); this shows the pipeline, learning to walk needs a GPU", flush=True)
+    args.num_envs = args.num_envs or (4096 if device.type == "cuda" else 32)
+    args.num_iterations = args.num_iterations or (1000 if device.type == "cuda" else 5)
+    check_args(args)
+    ec.seed_everything(args.seed, args.torch_deterministic)
+    ckpt = load_checkpoint(args.checkpoint, device) if args.checkpoint else None
+
+    agent = ActorCritic(Go1Env.num_obs, Go1Env.num_actions, args.init_noise_std).to(device)
+    normalizer = ObservationNormalizer(Go1Env.num_obs, clip=args.obs_clip).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    start_iteration, global_step = 1, 0
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["model"])
+        normalizer.load_state_dict(ckpt["normalizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
+
+    if args.export:
+        for path in export_policy(agent, normalizer, args.checkpoint):
+            print(f"wrote {path}")
+        return
+    if args.eval:
+        print(f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...")
+        metrics = evaluate(agent, normalizer, device, args, args.num_envs)
+        print(json.dumps(metrics, indent=2))
+        out = run_dir_of(args.checkpoint) / "eval.json"
+        out.write_text(json.dumps({"checkpoint": args.checkpoint, **metrics}, indent=2))
+        if args.capture_video:
+            record_video(agent, normalizer, device, args, out.with_name("eval.mp4"))
+            print(f"wrote {out.with_name('eval.mp4')}")
+        return
+
+    # A resumed run keeps writing into its own directory.
+    if ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints":
+        run_dir = run_dir_of(args.checkpoint)
+    else:
+        run_dir = Path("runs") / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = run_dir.name
+    if args.track:
+        try:
+            import wandb  # only --track needs it
+        except ImportError:
+            raise UserError("--track needs wandb: pip install wandb") from None
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    env = Go1Env(args.num_envs, device, args)
+    print(f"{run_name}: {args.num_envs} environments on {device}, {args.num_iterations} iterations of "
+          f"{args.num_steps} steps", flush=True)
+
+    # Rollout storage, preallocated on the device.
+    T, N = args.num_steps, args.num_envs
+    obs_buf = torch.zeros(T, N, Go1Env.num_obs, device=device)
+    actions_buf = torch.zeros(T, N, Go1Env.num_actions, device=device)
+    logprobs_buf, rewards_buf, values_buf = (torch.zeros(T, N, device=device) for _ in range(3))
+    dones_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
+    batch_size = T * N
+    minibatch_size = batch_size // args.num_minibatches
+
+    next_obs = env.reset()
+    start_time = time.time()
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        t_iter = time.perf_counter()
+        t_sim = t_policy = 0.0
+        # ---------------- rollout: no host synchronisation in here ----------------
+        with torch.no_grad():
+            for step in range(T):
+                t0 = time.perf_counter()
+                normalizer.update(next_obs)
+                obs = normalizer(next_obs)
+                action, logprob, _, value = agent.get_action_and_value(obs)
+                t1 = time.perf_counter()
+                next_obs, reward, terminated, truncated, final_obs = env.step(action)
+                t2 = time.perf_counter()
+                # Time-outs are not failures: bootstrap with the value of the last observation of the episode.
+                reward = reward + args.gamma * agent.get_value(normalizer(final_obs)) * truncated
+                obs_buf[step], actions_buf[step], logprobs_buf[step] = obs, action, logprob
+                values_buf[step], rewards_buf[step], dones_buf[step] = value, reward, terminated | truncated
+                t_policy += (t1 - t0) + (time.perf_counter() - t2)
+                t_sim += t2 - t1
+            next_value = agent.get_value(normalizer(next_obs))
+            advantages, returns = compute_gae(rewards_buf, values_buf, dones_buf, next_value,
+                                              args.gamma, args.gae_lambda)
+        global_step += batch_size
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # so the phase timings below are real, not queued work
+        t_rollout = time.perf_counter() - t_iter
+
+        # ---------------- PPO update ----------------
+        t_update = time.perf_counter()
+        b_obs, b_actions = obs_buf.reshape(batch_size, -1), actions_buf.reshape(batch_size, -1)
+        b_logprobs, b_advantages = logprobs_buf.reshape(-1), advantages.reshape(-1)
+        b_returns, b_values = returns.reshape(-1), values_buf.reshape(-1)
+        clipfracs, approx_kls = [], []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = perm[start:start + minibatch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                logratio = newlogprob - b_logprobs[mb]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                    approx_kls.append(approx_kl)
+                mb_adv = b_advantages[mb]
+                if args.norm_adv:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = torch.max(-mb_adv * ratio,
+                                    -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                if args.clip_vloss:
+                    v_clipped = b_values[mb] + (newvalue - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max((newvalue - b_returns[mb]).square(),
+                                             (v_clipped - b_returns[mb]).square()).mean()
+                else:
+                    v_loss = 0.5 * (newvalue - b_returns[mb]).square().mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                # KL-adaptive learning rate (rsl_rl's schedule): keep each update's step in policy space steady.
+                if args.desired_kl > 0:
+                    kl = approx_kl.item()
+                    lr = optimizer.param_groups[0]["lr"]
+                    if kl > 2.0 * args.desired_kl:
+                        lr = max(1e-5, lr / 1.5)
+                    elif kl < args.desired_kl / 2.0:
+                        lr = min(1e-2, lr * 1.5)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+        y_pred, y_true = b_values, b_returns
+        explained_var = 1 - (y_true - y_pred).var() / y_true.var().clamp(min=1e-8)
+        losses = torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, torch.stack(approx_kls).mean(),
+                              torch.stack(clipfracs).mean(), explained_var, agent.actor_logstd.exp().mean()]).tolist()
+        t_update = time.perf_counter() - t_update
+
+        # ---------------- logging (one host sync per iteration) ----------------
+        stats = env.pop_stats()
+        sps = int(batch_size / (t_rollout + t_update))
+        scalars = {
+            "charts/SPS": sps, "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/action_std": losses[7],
+            "losses/value_loss": losses[0], "losses/policy_loss": losses[1], "losses/entropy": losses[2],
+            "losses/old_approx_kl": losses[3], "losses/approx_kl": losses[4], "losses/clipfrac": losses[5],
+            "losses/explained_variance": losses[6],
+            "perf/sim_time": t_sim, "perf/policy_time": t_policy, "perf/update_time": t_update,
+            "perf/wall_time": time.time() - start_time,
+            "metrics/lin_vel_error": stats["lin_vel_error"], "metrics/yaw_rate_error": stats["yaw_rate_error"],
+        }
+        if "episodes" in stats:
+            scalars.update({"charts/episodic_return": stats["episodic_return"],
+                            "charts/episodic_length": stats["episodic_length_s"] / env.dt,
+                            "metrics/fall_rate": stats["fall_rate"]})
+            scalars.update({f"rewards/{n}": stats[f"reward_{n}"] for n in env.reward_names})
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, global_step)
+        print(f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
+              f"return {stats.get('episodic_return', float('nan')):7.2f} | v err {stats['lin_vel_error']:.3f} m/s | "
+              f"yaw err {stats['yaw_rate_error']:.3f} rad/s | falls {stats.get('fall_rate', float('nan')):.3f} | "
+              f"{time.time() - start_time:6.1f} s", flush=True)
+
+        last = iteration == args.num_iterations
+        if args.eval_interval and (iteration % args.eval_interval == 0 or last):
+            ev = evaluate(agent, normalizer, device, args, min(args.eval_envs, args.num_envs))
+            for k, v in ev.items():
+                writer.add_scalar(f"eval/{k}", v, global_step)
+            writer.add_scalar("eval/wall_time", time.time() - start_time, global_step)
+            print(f"  eval: v err {ev['lin_vel_error']:.3f} m/s | yaw err {ev['yaw_rate_error']:.3f} rad/s | "
+                  f"falls {ev['fall_rate']:.3f}", flush=True)
+        if iteration % args.save_interval == 0 or last:
+            payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
+                       "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
+                       "normalizer": normalizer.state_dict(), "args": dataclasses.asdict(args),
+                       "obs_dim": Go1Env.num_obs, "act_dim": Go1Env.num_actions,
+                       "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                               "torch": torch.get_rng_state()}}
+            save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
+        if args.capture_video and (iteration % args.video_interval == 0 or last):
+            video = run_dir / "videos" / f"iter_{iteration:06d}.mp4"
+            video.parent.mkdir(parents=True, exist_ok=True)
+            record_video(agent, normalizer, device, args, video)
+            if args.track:
+                wandb.log({"videos/policy": wandb.Video(str(video), format="mp4"), "global_step": global_step})
+
+    writer.close()
+    if args.track:
+        wandb.finish()
+    print(f"done: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

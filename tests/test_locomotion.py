@@ -1,0 +1,245 @@
+"""ppo_isaac_locomotion.py as a user runs it (subprocesses on the CPU, tiny sizes), and its pieces against
+references: GAE against a plain NumPy loop, the normalizer against NumPy's statistics, every reward term on
+hand-built states, the exported policy against the script's own."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "ppo_isaac_locomotion.py"
+TINY = ["--device", "cpu", "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
+        "--eval-interval", "0", "--episode-length-s", "1.0"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("ppo_isaac_locomotion", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script executes
+    spec.loader.exec_module(module)
+    return module
+
+
+loco = load_script()
+
+
+def run(args, cwd, env=None, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """Two iterations with video and W&B (offline), as a user would run it."""
+    cwd = tmp_path_factory.mktemp("loco")
+    out = run([*TINY, "--num-iterations", "2", "--capture-video", "--video-interval", "2", "--video-length", "5",
+               "--track", "--save-interval", "1"], cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run_dir,) = (cwd / "runs").iterdir()
+    return cwd, run_dir, out.stdout
+
+
+def test_end_to_end_writes_logs_checkpoints_and_video(trained_run):
+    cwd, run_dir, stdout = trained_run
+    assert "iter     2/2" in stdout and "SPS" in stdout
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["ckpt_000001.pt", "ckpt_000002.pt", "latest.pt"]
+    video = run_dir / "videos" / "iter_000002.mp4"
+    assert video.stat().st_size > 1000
+    log = json.loads(video.with_suffix(".json").read_text())
+    assert len(log) == 5 and len(log[0]["command"]) == 3 and len(log[0]["actual"]) == 3
+    assert list((cwd / "wandb").glob("offline-run-*")), "--track with WANDB_MODE=offline wrote no run"
+    # The TensorBoard scalars that the issue names are there.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir)).Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["charts/SPS", "charts/learning_rate", "charts/action_std", "losses/value_loss", "losses/policy_loss",
+                "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
+                "perf/sim_time", "perf/policy_time", "perf/update_time", "metrics/lin_vel_error",
+                "metrics/yaw_rate_error"]:
+        assert tag in tags, tag
+
+
+def test_resume_continues_at_the_saved_iteration(trained_run):
+    cwd, run_dir, _ = trained_run
+    saved = torch.load(run_dir / "checkpoints" / "ckpt_000002.pt", weights_only=False)
+    out = run([*TINY, "--num-iterations", "3", "--checkpoint", str(run_dir / "checkpoints" / "ckpt_000002.pt")], cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "iter     3/3" in out.stdout and "iter     1/" not in out.stdout
+    resumed = torch.load(run_dir / "checkpoints" / "ckpt_000003.pt", weights_only=False)
+    assert resumed["iteration"] == 3 and resumed["global_step"] == saved["global_step"] + 4 * 8
+    # The normalizer went on from the saved statistics: its count grew by exactly one rollout.
+    assert resumed["normalizer"]["count"].item() == saved["normalizer"]["count"].item() + 4 * 8
+
+
+def test_eval_prints_the_task_metrics(trained_run):
+    cwd, run_dir, _ = trained_run
+    out = run(["--device", "cpu", "--num-envs", "4", "--episode-length-s", "0.5", "--eval",
+               "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    for key in ("lin_vel_error", "yaw_rate_error", "fall_rate", "episode_length_s"):
+        assert key in out.stdout and math.isfinite(metrics[key])
+    assert 0.0 <= metrics["fall_rate"] <= 1.0 and metrics["episodes"] >= 4
+
+
+def test_export_matches_the_scripts_own_policy(trained_run):
+    cwd, run_dir, _ = trained_run
+    ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    out = run(["--device", "cpu", "--export", "--checkpoint", str(ckpt_path)], cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    agent = loco.ActorCritic(loco.Go1Env.num_obs, loco.Go1Env.num_actions)
+    agent.load_state_dict(ckpt["model"])
+    normalizer = loco.ObservationNormalizer(loco.Go1Env.num_obs)
+    normalizer.load_state_dict(ckpt["normalizer"])
+    obs = torch.randn(64, loco.Go1Env.num_obs) * 2
+    with torch.no_grad():
+        expected = agent.act_deterministic(normalizer(obs))
+    scripted = torch.jit.load(str(run_dir / "export" / "policy.pt"))
+    torch.testing.assert_close(scripted(obs), expected)
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(run_dir / "export" / "policy.onnx"))
+    np.testing.assert_allclose(session.run(None, {"obs": obs.numpy()})[0], expected.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GAE and the normalizer against plain references
+# ---------------------------------------------------------------------------------------------------------------
+def test_gae_matches_a_plain_numpy_loop():
+    rng = np.random.default_rng(0)
+    T, N, gamma, lam = 16, 5, 0.99, 0.95
+    rewards, values = rng.normal(size=(T, N)), rng.normal(size=(T, N))
+    final_values, next_value = rng.normal(size=(T, N)), rng.normal(size=N)
+    terminated = rng.random((T, N)) < 0.1
+    truncated = (rng.random((T, N)) < 0.1) & ~terminated
+    # Reference: the textbook definition, one environment and one step at a time, with the two kinds of ending
+    # told apart: a fall has no future; a time-out's future is worth V(final observation).
+    ref = np.zeros((T, N))
+    for n in range(N):
+        acc = 0.0
+        for t in reversed(range(T)):
+            if terminated[t, n]:
+                delta, acc = rewards[t, n] - values[t, n], 0.0
+            elif truncated[t, n]:
+                delta, acc = rewards[t, n] + gamma * final_values[t, n] - values[t, n], 0.0
+            else:
+                nv = next_value[n] if t == T - 1 else values[t + 1, n]
+                delta = rewards[t, n] + gamma * nv - values[t, n]
+            acc = delta + gamma * lam * acc
+            ref[t, n] = acc
+    # The script's way: bootstrap time-outs in the reward, then GAE cut at every done.
+    r = torch.tensor(rewards) + gamma * torch.tensor(final_values) * torch.tensor(truncated)
+    adv, ret = loco.compute_gae(r, torch.tensor(values), torch.tensor(terminated | truncated),
+                                torch.tensor(next_value), gamma, lam)
+    np.testing.assert_allclose(adv.numpy(), ref, atol=1e-12)
+    np.testing.assert_allclose(ret.numpy(), ref + values, atol=1e-12)
+
+
+def test_normalizer_matches_numpy_over_concatenated_batches():
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(loc=3.0, scale=s, size=(n, 7)) for n, s in [(5, 1.0), (128, 4.0), (1, 2.0), (33, 0.5)]]
+    norm = loco.ObservationNormalizer(7, clip=1e9)
+    for b in batches:
+        norm.update(torch.tensor(b, dtype=torch.float32))
+    all_obs = np.concatenate(batches)
+    np.testing.assert_allclose(norm.mean.numpy(), all_obs.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm.var.numpy(), all_obs.var(0), rtol=1e-4)
+    assert norm.count.item() == len(all_obs)
+    x = torch.tensor(all_obs[:3], dtype=torch.float32)
+    np.testing.assert_allclose(norm(x).numpy(), (all_obs[:3] - all_obs.mean(0)) / np.sqrt(all_obs.var(0)),
+                               rtol=1e-3, atol=1e-4)
+    assert loco.ObservationNormalizer(7, clip=5.0).forward(torch.full((1, 7), 100.0)).max() == 5.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward terms on hand-built states
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env():
+    return loco.Go1Env(2, torch.device("cpu"), loco.Args())
+
+
+def _set_base(env, quat=(1.0, 0, 0, 0), lin_vel_w=(0, 0, 0), ang_vel_b=(0, 0, 0), height=None):
+    env.sim.qpos[:, 3:7] = torch.tensor(quat)
+    env.sim.qvel[:, 0:3] = torch.tensor(lin_vel_w)
+    env.sim.qvel[:, 3:6] = torch.tensor(ang_vel_b)
+    if height is not None:
+        env.sim.qpos[:, 2] = height
+
+
+def test_reward_tracking_terms(env):
+    yaw = math.pi / 2  # facing +y: a world velocity along +y is "forward" in the base frame
+    _set_base(env, quat=(math.cos(yaw / 2), 0, 0, math.sin(yaw / 2)), lin_vel_w=(0, 0.5, 0), ang_vel_b=(0, 0, 0.3))
+    env.commands[:] = torch.tensor([0.5, 0.0, 0.3])
+    assert torch.allclose(env._reward_tracking_lin_vel(), torch.ones(2), atol=1e-6)
+    assert torch.allclose(env._reward_tracking_ang_vel(), torch.ones(2))
+    env.commands[:] = torch.tensor([0.0, 0.0, -0.2])  # errors of 0.5 m/s and 0.5 rad/s
+    assert torch.allclose(env._reward_tracking_lin_vel(), torch.full((2,), math.exp(-1.0)), atol=1e-6)
+    assert torch.allclose(env._reward_tracking_ang_vel(), torch.full((2,), math.exp(-1.0)))
+
+
+def test_reward_base_motion_and_posture_terms(env):
+    tilt = 0.3  # roll about x
+    _set_base(env, quat=(math.cos(tilt / 2), math.sin(tilt / 2), 0, 0), lin_vel_w=(0, 0, 0.4),
+              ang_vel_b=(0.1, -0.2, 5.0), height=env.base_height_target - 0.1)
+    # The base is rolled, so the world's vertical velocity has a base-frame y part too.
+    assert torch.allclose(env._reward_lin_vel_z(), torch.full((2,), (0.4 * math.cos(tilt)) ** 2), atol=1e-6)
+    assert torch.allclose(env._reward_ang_vel_xy(), torch.full((2,), 0.05))
+    assert torch.allclose(env._reward_orientation(), torch.full((2,), math.sin(tilt) ** 2), atol=1e-6)
+    assert torch.allclose(env._reward_base_height(), torch.full((2,), 0.01), atol=1e-6)
+
+
+def test_reward_joint_and_action_terms(env):
+    env.sim.act_force[:] = torch.tensor([2.0, -1.0] * 6)
+    env.sim.qvel[:, 6:] = torch.tensor([3.0] * 12)
+    assert torch.allclose(env._reward_torques(), torch.full((2,), 6 * 4.0 + 6 * 1.0))
+    assert torch.allclose(env._reward_energy(), torch.full((2,), 6 * 6.0 + 6 * 3.0))
+    env.last_dof_vel[:] = 2.0
+    assert torch.allclose(env._reward_dof_acc(), torch.full((2,), 12 * (1.0 / env.dt) ** 2))
+    env.actions = torch.full((2, 12), 0.5)
+    env.last_actions[:] = 0.25
+    assert torch.allclose(env._reward_action_rate(), torch.full((2,), 12 * 0.0625))
+
+
+def test_reward_contact_terms(env):
+    env.leg_contact = torch.tensor([[True, False, True, False, False, False, False, False], [False] * 8])
+    assert env._reward_collision().tolist() == [2.0, 0.0]
+    env.terminated = torch.tensor([True, False])
+    assert env._reward_termination().tolist() == [1.0, 0.0]
+    # Feet air time: env 0 is commanded to walk; foot 0 swings for 0.6 s then lands: reward 0.6 - 0.5 on landing.
+    env.commands[:] = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    env.feet_air_time.zero_()
+    env.last_contacts = torch.ones(2, 4, dtype=torch.bool)
+    swing = torch.tensor([False, True, True, True])
+    rewards = []
+    steps_in_air = round(0.6 / env.dt)
+    for k in range(steps_in_air + 2):
+        if k == 0:
+            env.foot_contact = torch.ones(2, 4, dtype=torch.bool)  # all feet down
+        elif k < steps_in_air + 1:
+            env.foot_contact = swing.expand(2, 4).clone()  # foot 0 in the air
+        else:
+            env.foot_contact = torch.ones(2, 4, dtype=torch.bool)  # touchdown
+        rewards.append(env._reward_feet_air_time())
+    assert all(r[0] == 0 for r in rewards[:-1])
+    # Air time counts from the second airborne step (the first is OR-ed with the previous contact, a flicker
+    # filter) up to and including the touchdown step: 0.6 s in all, so the reward is 0.6 - 0.5.
+    assert rewards[-1][0].item() == pytest.approx(0.6 - 0.5, abs=1e-5)
+    assert rewards[-1][1].item() == 0.0, "no air-time reward when told to stand still"
+
+
+def test_reward_table_has_a_function_per_term():
+    for name in loco.REWARD_SCALES:
+        assert callable(getattr(loco.Go1Env, f"_reward_{name}")), name
