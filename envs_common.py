@@ -14,6 +14,7 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import random
 import sys
@@ -22,11 +23,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# MuJoCo picks its OpenGL backend when it is first imported: EGL needs a GPU driver, OSMesa renders on the CPU.
-if "MUJOCO_GL" not in os.environ:
-    os.environ["MUJOCO_GL"] = "egl" if torch.cuda.is_available() else "osmesa"
-    if sys.platform == "darwin":
-        del os.environ["MUJOCO_GL"]  # macOS has its own backend (CGL)
+
+
+def _pick_gl_backend() -> None:
+    """MuJoCo picks its OpenGL backend when first imported: EGL on a GPU machine, OSMesa on a CPU one. A backend
+    whose library is missing would break `import mujoco` itself, so without one rendering is disabled and
+    Renderer() says what to install."""
+    if "MUJOCO_GL" in os.environ or sys.platform == "darwin":  # the user's choice; macOS has its own (CGL)
+        return
+    order = [("egl", "EGL"), ("osmesa", "OSMesa")] if torch.cuda.is_available() else [("osmesa", "OSMesa"), ("egl", "EGL")]
+    for backend, library in order:
+        if ctypes.util.find_library(library):
+            os.environ["MUJOCO_GL"] = backend
+            return
+    os.environ["MUJOCO_GL"] = "disable"
+
+
+_pick_gl_backend()
 
 import mujoco  # noqa: E402
 import mujoco_warp as mjw  # noqa: E402
@@ -139,6 +152,9 @@ def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # The batched simulation
 # ----------------------------------------------------------------------------------------------------------------
+_KERNELS_ANNOUNCED: set[str] = set()  # devices for which the one-time kernel message was printed
+
+
 class BatchedSim:
     """`num_envs` copies of one MuJoCo model on one device, stepped in lockstep by MuJoCo Warp.
 
@@ -225,7 +241,8 @@ class BatchedSim:
         """
         with wp.ScopedDevice(self.wp_device):
             if self.device.type == "cpu" or not self._stepped_once:
-                if not self._stepped_once:
+                if not self._stepped_once and str(self.device) not in _KERNELS_ANNOUNCED:
+                    _KERNELS_ANNOUNCED.add(str(self.device))
                     print(f"MuJoCo Warp: loading kernels for {self.device} (compiled once, then cached in "
                           f"{wp.config.kernel_cache_dir}; a first run on a CPU takes about 30 s)", flush=True)
                 self._substeps()

@@ -1,5 +1,3 @@
-"""Pick MuJoCo's headless OpenGL backend before any test module imports mujoco (it is chosen at import)."""
-import os
-
-os.environ.setdefault("MUJOCO_GL", "osmesa")
-os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+"""MuJoCo picks its headless OpenGL backend when first imported: envs_common chooses one whose library is present
+(OSMesa on a CPU machine, EGL on a GPU one) before any test module imports mujoco."""
+import envs_common  # noqa: F401

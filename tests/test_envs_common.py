@@ -13,6 +13,9 @@ import torch
 import envs_common as ec
 
 ASSETS = {"go1": "go1.xml", "panda": "panda.xml"}
+# CI runs these on the CPU; on a GPU machine, TEST_DEVICE=cuda runs the simulation tests through CUDA graphs.
+DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+ON_GPU = DEVICE.startswith("cuda")
 
 
 @pytest.fixture(scope="module", params=sorted(ASSETS))
@@ -22,9 +25,9 @@ def model(request):
 
 def _c_data_from_world(mjm, sim, i):
     data = mujoco.MjData(mjm)
-    data.qpos[:] = sim.qpos[i].double().numpy()
-    data.qvel[:] = sim.qvel[i].double().numpy()
-    data.ctrl[:] = sim.ctrl[i].double().numpy()
+    data.qpos[:] = sim.qpos[i].double().cpu().numpy()
+    data.qvel[:] = sim.qvel[i].double().cpu().numpy()
+    data.ctrl[:] = sim.ctrl[i].double().cpu().numpy()
     return data
 
 
@@ -42,27 +45,27 @@ def test_batched_sim_matches_mujoco_c(model):
     name, mjm = model
     n, steps = 4, 300
     gen = torch.Generator().manual_seed(0)
-    sim = ec.BatchedSim(mjm, n, "cpu", decimation=1)
+    sim = ec.BatchedSim(mjm, n, DEVICE, decimation=1)
     qpos = sim.default_qpos.expand(n, -1).clone()
     free = 7 if mjm.jnt_type[0] == mujoco.mjtJoint.mjJNT_FREE else 0
-    qpos[:, free:] += 0.1 * torch.randn(n, mjm.nq - free, generator=gen)
+    qpos[:, free:] += 0.1 * torch.randn(n, mjm.nq - free, generator=gen).to(DEVICE)
     if free:
         qpos[:, 2] += 0.05  # drop the quadruped from a little above the ground: contacts form during the test
-    lo, hi = torch.tensor(mjm.actuator_ctrlrange, dtype=torch.float32).T
-    ctrl = sim.default_ctrl + 0.2 * torch.randn(n, mjm.nu, generator=gen)
+    lo, hi = torch.tensor(mjm.actuator_ctrlrange, dtype=torch.float32, device=DEVICE).T
+    ctrl = sim.default_ctrl + 0.2 * torch.randn(n, mjm.nu, generator=gen).to(DEVICE)
     ctrl = torch.maximum(torch.minimum(ctrl, hi), lo)
-    sim.reset(torch.ones(n, dtype=torch.bool), qpos, ctrl=ctrl)
+    sim.reset(torch.ones(n, dtype=torch.bool, device=DEVICE), qpos, ctrl=ctrl)
     refs = [_c_data_from_world(mjm, sim, i) for i in range(n)]
     for _ in range(steps):
         sim.step()
         for data in refs:
             mujoco.mj_step(mjm, data)
     for i, data in enumerate(refs):
-        err = np.abs(sim.qpos[i].double().numpy() - data.qpos).max()
+        err = np.abs(sim.qpos[i].double().cpu().numpy() - data.qpos).max()
         print(f"{name} world {i}: max |qpos error| {err:.2e}")
         assert err < QPOS_TOL[name], f"{name} world {i}: |qpos - mj_step qpos| = {err:.2e} after {steps} steps"
         mujoco.mj_kinematics(mjm, data)
-        assert np.abs(sim.xpos[i].double().numpy() - data.xpos).max() < QPOS_TOL[name]
+        assert np.abs(sim.xpos[i].double().cpu().numpy() - data.xpos).max() < QPOS_TOL[name]
     assert not sim.overflowed().any()
 
 
@@ -73,16 +76,16 @@ def test_batched_sim_matches_mujoco_c(model):
 def test_reset_touches_only_the_chosen_worlds(model, by):
     name, mjm = model
     n = 6
-    sim = ec.BatchedSim(mjm, n, "cpu", decimation=2)
-    sim.ctrl.add_(0.3 * torch.randn(n, mjm.nu, generator=torch.Generator().manual_seed(1)))
+    sim = ec.BatchedSim(mjm, n, DEVICE, decimation=2)
+    sim.ctrl.add_(0.3 * torch.randn(n, mjm.nu, generator=torch.Generator().manual_seed(1)).to(DEVICE))
     for _ in range(5):
         sim.step()
     views = {k: getattr(sim, k).clone() for k in ("qpos", "qvel", "ctrl", "xpos", "xquat", "site_xpos")}
-    chosen = torch.tensor([1, 4])
-    mask = torch.zeros(n, dtype=torch.bool)
+    chosen = torch.tensor([1, 4], device=DEVICE)
+    mask = torch.zeros(n, dtype=torch.bool, device=DEVICE)
     mask[chosen] = True
-    target_q = sim.default_qpos + 0.05 * torch.arange(1, mjm.nq + 1) / mjm.nq
-    target_v = 0.01 * torch.arange(mjm.nv, dtype=torch.float32)
+    target_q = sim.default_qpos + 0.05 * torch.arange(1, mjm.nq + 1, device=DEVICE) / mjm.nq
+    target_v = 0.01 * torch.arange(mjm.nv, dtype=torch.float32, device=DEVICE)
     if by == "mask":
         sim.reset(mask, target_q.expand(n, -1), target_v.expand(n, -1))
     else:
@@ -93,13 +96,13 @@ def test_reset_touches_only_the_chosen_worlds(model, by):
     assert torch.equal(sim.qvel[mask], target_v.expand(2, -1))
     # Body poses of the reset worlds are those of the new qpos, right away (MuJoCo's C kinematics as reference).
     data = mujoco.MjData(mjm)
-    data.qpos[:] = target_q.double().numpy()
+    data.qpos[:] = target_q.double().cpu().numpy()
     mujoco.mj_kinematics(mjm, data)
     for i in chosen.tolist():
-        np.testing.assert_allclose(sim.xpos[i].numpy(), data.xpos, atol=1e-5)
-        np.testing.assert_allclose(sim.xquat[i].numpy(), data.xquat, atol=1e-5)
+        np.testing.assert_allclose(sim.xpos[i].cpu().numpy(), data.xpos, atol=1e-5)
+        np.testing.assert_allclose(sim.xquat[i].cpu().numpy(), data.xquat, atol=1e-5)
     # Stepping after a reset behaves like a fresh world: same state in, same state out.
-    sim.reset(torch.ones(n, dtype=torch.bool), target_q.expand(n, -1), ctrl=sim.default_ctrl.expand(n, -1))
+    sim.reset(torch.ones(n, dtype=torch.bool, device=DEVICE), target_q.expand(n, -1), ctrl=sim.default_ctrl.expand(n, -1))
     sim.step()
     assert torch.allclose(sim.qpos, sim.qpos[:1].expand(n, -1), atol=1e-6)
 
@@ -110,10 +113,10 @@ def test_reset_touches_only_the_chosen_worlds(model, by):
 @pytest.mark.parametrize("n", [1, 64])
 def test_home_pose_is_stable(model, n):
     name, mjm = model
-    sim = ec.BatchedSim(mjm, n, "cpu", decimation=4, contact_forces=True)
+    sim = ec.BatchedSim(mjm, n, DEVICE, decimation=4, contact_forces=True)
     steps = int(round(2.0 / (mjm.opt.timestep * sim.decimation)))  # 2 s
     start = sim.qpos.clone()
-    lowest = torch.full((n,), 1e9)
+    lowest = torch.full((n,), 1e9, device=DEVICE)
     for _ in range(steps):
         sim.step()
         if name == "go1":
@@ -143,10 +146,10 @@ def test_contact_overflow_is_detected():
     nconmax, njmax = ec.contact_capacity(mjm)
     assert nconmax >= 4 + 1  # at least the four feet and the trunk can touch the floor
     assert njmax >= 4 * 4
-    sim = ec.BatchedSim(mjm, 3, "cpu", decimation=4, nconmax=1)  # far too small for four feet on the ground
+    sim = ec.BatchedSim(mjm, 3, DEVICE, decimation=4, nconmax=1)  # far too small for four feet on the ground
     sim.step()
     assert sim.overflowed().all()
-    sim.reset(torch.tensor([0, 1, 2]), sim.default_qpos.expand(3, -1))
+    sim.reset(torch.tensor([0, 1, 2], device=DEVICE), sim.default_qpos.expand(3, -1))
     assert not sim.overflowed().any(), "a reset clears the overflow flags"
 
 
@@ -204,6 +207,7 @@ def test_quaternion_helpers_match_mujoco():
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering, seeding
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(ON_GPU, reason="the renderer is tested on the CPU (OSMesa) in CI")
 def test_renderer_draws_the_robot(model):
     name, mjm = model
     sim = ec.BatchedSim(mjm, 2, "cpu")
@@ -217,6 +221,7 @@ def test_renderer_draws_the_robot(model):
     assert img.std() > 10, "blank image"
 
 
+@pytest.mark.skipif(ON_GPU, reason="the renderer is tested on the CPU (OSMesa) in CI")
 def test_no_rendering_backend_is_a_clear_error():
     # A machine with no usable EGL driver: point libglvnd at no vendor at all, so EGL fails for real.
     code = ("import envs_common as ec\n"

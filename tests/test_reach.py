@@ -26,6 +26,7 @@ TINY = ["--device", "cpu", "--num-envs", "4", "--num-steps", "8", "--num-minibat
 def load_script():
     spec = importlib.util.spec_from_file_location("ppo_isaac_reach", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolves the Args annotations through it
     spec.loader.exec_module(module)
     return module
 
@@ -152,22 +153,22 @@ def test_export_matches_the_scripts_own_policy(trained_run):
 # ---------------------------------------------------------------------------------------------------------------
 # A real learning test
 # ---------------------------------------------------------------------------------------------------------------
-LEARN = ["--device", "cpu", "--num-envs", "256", "--num-iterations", "40", "--eval-interval", "40",
+LEARN = ["--device", "cpu", "--num-envs", "128", "--num-iterations", "25", "--eval-interval", "25",
          "--eval-envs", "128", "--eval-steps", "250", "--save-interval", "1000"]
 LEARN_WALL_LIMIT_S = 150
 
 
 def test_ppo_learns_to_reach(tmp_path):
-    """position_delta control, 256 environments x 40 iterations x 24 steps (246k environment steps) on the CPU.
+    """position_delta control, 128 environments x 25 iterations x 24 steps (77k environment steps) on the CPU.
 
-    Bound: the whole subprocess, kernels already cached, takes under LEARN_WALL_LIMIT_S = 150 s on a 2-core machine
-    (about 60-80 s measured). Bar: the deterministic policy's mean final distance to its targets (at a reach or a
+    Bound: the whole subprocess (start-up, kernels already cached, two evaluations, training) takes under
+    LEARN_WALL_LIMIT_S = 150 s on a 2-core machine; measured about 26 s, of which 13 s of training. Bar: the deterministic policy's mean final distance to its targets (at a reach or a
     time-out) falls to under half of the untrained policy's, both measured by the script's own evaluation on the
     same fresh targets. The untrained policy outputs ~0, so the arm holds still: its figure is the distance from
     the home pose to the targets. Broken PPO (e.g. the policy loss's sign flipped) or rewards fail this.
     """
     t0 = time.time()
-    out = run(LEARN, tmp_path)
+    out = run(LEARN, tmp_path, timeout=LEARN_WALL_LIMIT_S)
     wall = time.time() - t0
     assert out.returncode == 0, out.stdout + out.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -293,8 +294,10 @@ def test_targets_are_reachable_samples_and_resampled_on_success(env):
         env.target[1] = old[1]
         env.step(torch.zeros(2, 7))
     stats = env.pop_stats()
-    assert stats["targets"] >= 2 and stats["success_rate"] < 1.0
-    assert not torch.equal(env.target[1], old[1])
+    # Only env 1's target ended (env 0's second one is still running): missed, 0.3 m away.
+    assert stats["targets"] == 1 and stats["success_rate"] == 0.0
+    assert stats["final_distance"] == pytest.approx(0.3, abs=1e-3)
+    assert not torch.equal(env.target[1], old[1]) and env.target_time[1] == 0
 
 
 def test_episodes_have_a_fixed_length_and_end_in_a_time_out():

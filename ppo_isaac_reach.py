@@ -1,0 +1,865 @@
+"""PPO that teaches a 7-joint Franka Panda class arm to put its end-effector on any target, thousands of arms at once.
+
+    python ppo_isaac_reach.py --num-envs 4096 --track
+    python ppo_isaac_reach.py --control-type position      # or torque; position_delta is the default
+
+The whole pipeline stays on the device, as in Isaac Gym (here on MuJoCo Warp):
+  policy (torch) -> ActionHandler: joint torques, joint targets, or target increments, written into the ctrl tensor
+  -> 4 physics sub-steps at 200 Hz replayed from one CUDA graph -> qpos/qvel/site views refreshed in place
+  -> observations, rewards, target resampling and per-environment resets computed in torch -> rollout buffer -> PPO.
+Nothing is copied to the host inside the rollout loop; statistics are read once per iteration.
+
+Read top to bottom: Args, the environment (ActionHandler, ReachEnv and its reward terms), the observation normalizer,
+ActorCritic, then PPO (rollout, GAE, update) with logging, checkpoints, evaluation, export and video.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.distributions import Normal
+from torch.utils.tensorboard import SummaryWriter
+
+import envs_common as ec
+from envs_common import UserError
+
+SCRIPT = Path(__file__).stem
+PROCESS_START = time.time()  # wall-clock figures count from here: start-up (imports, kernel loading) included
+ASSET = "panda.xml"
+ControlType = Literal["torque", "position", "position_delta"]
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """the name of this experiment (the first part of the run's directory name)"""
+    seed: int = 1
+    """seed of the experiment (Python, NumPy, torch)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: str = "auto"
+    """'auto' (the first GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'"""
+    track: bool = False
+    """if toggled, this experiment is tracked with Weights and Biases"""
+    wandb_project_name: str = "isaac-ppo"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, render an mp4 of one environment every `video_interval` iterations (in runs/<run>/videos)"""
+    video_interval: int = 100
+    """iterations between two videos"""
+    video_length: int = 250
+    """policy steps (at 50 Hz) in one video"""
+    save_interval: int = 50
+    """iterations between two checkpoints (one is always written at the end)"""
+    checkpoint: Optional[str] = None
+    """a checkpoint to resume training from, or the policy to play with --eval or to write out with --export"""
+    eval: bool = False
+    """play the deterministic policy of --checkpoint on fresh targets and print its metrics; no training"""
+    export: bool = False
+    """write the policy of --checkpoint, observation normalizer folded in, as TorchScript and ONNX"""
+
+    # Sizes
+    num_envs: Optional[int] = None
+    """number of parallel environments (default: 4096 on a GPU, 256 on the CPU)"""
+    num_iterations: Optional[int] = None
+    """number of PPO iterations, each of num_envs * num_steps environment steps (default: 300 on a GPU, 60 on the CPU)"""
+    num_steps: int = 24
+    """environment steps per environment per iteration (rollout length)"""
+
+    # PPO (rsl_rl's values, as the locomotion script; they also train Isaac Lab's reach task)
+    learning_rate: float = 1e-3
+    """the initial learning rate of Adam; then adapted to keep the KL divergence near `desired_kl`"""
+    desired_kl: float = 0.01
+    """target KL divergence between successive policies for the adaptive learning rate (0 turns adaptation off)"""
+    gamma: float = 0.99
+    """the discount factor"""
+    gae_lambda: float = 0.95
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: int = 4
+    """the number of minibatches per epoch"""
+    update_epochs: int = 5
+    """the number of epochs over the rollout per update"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """clip the value loss like the policy loss"""
+    ent_coef: float = 0.005
+    """coefficient of the entropy bonus (Isaac Lab's reach task uses 0.01 with rewards scaled by dt)"""
+    vf_coef: float = 1.0
+    """coefficient of the value loss"""
+    max_grad_norm: float = 1.0
+    """the maximum norm for gradient clipping"""
+    init_noise_std: float = 1.0
+    """initial standard deviation of the Gaussian policy (actions are clamped to [-1, 1] by the environment)"""
+    obs_clip: float = 5.0
+    """normalized observations are clipped to [-obs_clip, obs_clip]"""
+
+    # Task
+    control_type: ControlType = "position_delta"
+    """torque: action x torque limit; position: action mapped into the joint range; position_delta: target += action x
+    max_delta (with --checkpoint, the checkpoint's control type is used)"""
+    max_delta: float = 0.05
+    """position_delta: largest change of a joint target per policy step (rad; 0.05 at 50 Hz is 2.5 rad/s)"""
+    episode_length_s: float = 5.0
+    """episode length in seconds (fixed: the arm cannot fail, every episode ends in a time-out that is bootstrapped)"""
+    target_timeout_s: float = 2.5
+    """seconds the arm has to reach a target before it is counted as missed and a new one is sampled"""
+    success_threshold: float = 0.02
+    """a target counts as reached when the end-effector is closer than this (m)"""
+    reset_noise: float = 0.2
+    """at a reset each joint starts at the home pose plus U(-reset_noise, reset_noise) rad"""
+    eval_interval: int = 50
+    """iterations between two deterministic evaluations logged under eval/, plus one before training (0: never)"""
+    eval_envs: int = 1024
+    """environments of a deterministic evaluation (at most num_envs)"""
+    eval_steps: int = 500
+    """policy steps of a deterministic evaluation (500 = 10 s = two episodes)"""
+
+
+# ==================================================================================================================
+# The environment: a 7-joint arm moving its end-effector onto targets sampled in a reachable box
+# ==================================================================================================================
+# Reward terms are summed per policy step WITHOUT a dt factor: each scale is the reward per step (50 Hz).
+# The terms follow Isaac Lab's reach task (isaaclab_tasks/manager_based/manipulation/reach/reach_env_cfg.py:
+# position_tracking -0.2, position_tracking_fine_grained 0.1 with 1 - tanh(d / 0.1), action_rate -1e-4,
+# joint_vel -1e-4, all times dt), rescaled to per-step values, with a sharper fine term (2 cm is the bar here)
+# and a success bonus, since a reached target is replaced by a new one.
+REWARD_SCALES = {
+    "distance": -1.0,         # end-effector to target distance (m): pulls from anywhere in the workspace
+    "distance_fine": 0.5,     # exp(-d / FINE_SIGMA): steep in the last few centimetres, where -d is flat
+    "success": 10.0,          # once per reached target; must beat hovering just outside the threshold
+    "action_rate": -0.005,    # |a_t - a_{t-1}|^2: smooth commands
+    "joint_vel": -0.001,      # |joint velocity|^2 (rad/s): no flailing, matters most under torque control
+}
+FINE_SIGMA = 0.05  # m
+# Targets are sampled uniformly in this box (m, world frame, base at the origin): in front of the arm, inside its
+# reach with margin, away from the base column and the floor.
+TARGET_LOW, TARGET_HIGH = (0.3, -0.35, 0.15), (0.7, 0.35, 0.65)
+
+
+class ActionHandler:
+    """Policy actions in [-1, 1] -> the simulator's ctrl, one method per control type.
+
+    Pure torch functions of (actions, current ctrl), so each mapping can be checked by hand:
+      torque:          ctrl = a * torque limit                     (the actuators were made plain motors)
+      position:        ctrl = lower + (a + 1) / 2 * (upper - lower) (a joint target anywhere in the range)
+      position_delta:  ctrl = clamp(ctrl + a * max_delta, range)    (the target moves from the PREVIOUS TARGET)
+    position_delta moves the previous target rather than the measured joint position: the PD loop always lags its
+    target a little, and restarting from the measured angle would feed that lag (and sensor noise, on a robot) back
+    into the command; integrating the target gives smooth commands, and zero action means "hold still".
+    """
+
+    def __init__(self, control_type: str, lower, upper, torque_limit, max_delta: float):
+        self.control_type = control_type
+        self.lower, self.upper, self.torque_limit = lower, upper, torque_limit
+        self.max_delta = max_delta
+
+    def __call__(self, actions: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
+        actions = actions.clamp(-1.0, 1.0)
+        if self.control_type == "torque":  # a Python string: no device sync
+            return self.torque(actions)
+        if self.control_type == "position":
+            return self.position(actions)
+        return self.position_delta(actions, ctrl)
+
+    def torque(self, actions):
+        return actions.clamp(-1.0, 1.0) * self.torque_limit
+
+    def position(self, actions):
+        target = self.lower + (actions.clamp(-1.0, 1.0) + 1.0) * 0.5 * (self.upper - self.lower)
+        return torch.clamp(target, self.lower, self.upper)  # float rounding must not step past a limit
+
+    def position_delta(self, actions, targets):
+        return torch.clamp(targets + actions.clamp(-1.0, 1.0) * self.max_delta, self.lower, self.upper)
+
+    def reset_ctrl(self, qpos: torch.Tensor) -> torch.Tensor:
+        """ctrl at a reset: hold the start pose (position modes), or no torque (gravity is compensated)."""
+        return torch.zeros_like(qpos) if self.control_type == "torque" else qpos
+
+
+def make_torque_actuators(mjm) -> None:
+    """Turn the asset's position servos into plain motors, in place on the host model: force = ctrl, with ctrl
+    limited to the torque limits (forcerange). Done before BatchedSim copies the model to the device."""
+    for i in range(mjm.nu):
+        mjm.actuator_gainprm[i, :] = 0.0
+        mjm.actuator_gainprm[i, 0] = 1.0
+        mjm.actuator_biasprm[i, :] = 0.0  # no -kp * q - kv * qdot: the policy is the controller
+        mjm.actuator_ctrlrange[i] = mjm.actuator_forcerange[i]
+        mjm.actuator_ctrllimited[i] = 1
+
+
+class ReachEnv:
+    """Batched reaching task. All state lives in (num_envs, ...) tensors on the device.
+
+    Observation layout (30 values; normalized later by ObservationNormalizer):
+      [0:7]   joint positions scaled to [-1, 1] over their ranges   [7:14]  joint velocities (rad/s)
+      [14:17] end-effector position (m, world)                      [17:20] target position (m, world)
+      [20:23] target - end-effector (m)                             [23:30] last actions
+    Targets: resampled when reached (closer than success_threshold) or after target_timeout_s. Episodes have a
+    fixed length (a time-out, bootstrapped), then the arm restarts near the home pose.
+    """
+
+    num_obs, num_actions = 30, 7
+
+    def __init__(self, num_envs: int, device: torch.device, args: Args):
+        self.args, self.device, self.num_envs = args, device, num_envs
+        mjm = ec.load_model(ASSET)
+        if mjm.nu != 7 or mjm.nq != 7 or list(mjm.actuator_trnid[:, 0]) != list(range(7)):
+            raise UserError(f"{ASSET} must have 7 joints driven by 7 actuators in the same order")
+        if args.control_type == "torque":
+            make_torque_actuators(mjm)
+        # The asset's physics step (200 Hz), a 50 Hz policy: Isaac Lab's reach task runs at 60 Hz, legged_gym at 50.
+        decimation = max(1, round(0.02 / mjm.opt.timestep))
+        self.sim = s = ec.BatchedSim(mjm, num_envs, device, decimation=decimation)
+        self.dt = mjm.opt.timestep * decimation
+        self.max_episode_length = int(round(args.episode_length_s / self.dt))
+        self.target_steps = int(round(args.target_timeout_s / self.dt))
+        self.ee_site, self.target_mocap = s.site_id("ee"), int(mjm.body_mocapid[s.body_id("target")])
+
+        f32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
+        self.lower, self.upper = f32(mjm.jnt_range[:7, 0]), f32(mjm.jnt_range[:7, 1])
+        self.actions_to_ctrl = ActionHandler(args.control_type, self.lower, self.upper,
+                                             f32(mjm.actuator_forcerange[:, 1]), args.max_delta)
+        self.target_low, self.target_high = f32(TARGET_LOW), f32(TARGET_HIGH)
+        self.dof_pos, self.dof_vel = s.qpos, s.qvel  # a fixed base: every coordinate is a joint
+
+        z = lambda *shape: torch.zeros(num_envs, *shape, device=device)  # noqa: E731
+        self.actions, self.last_actions = z(7), z(7)
+        self.target = s.mocap_pos[:, self.target_mocap]  # a view: the renderer draws each env's target sphere
+        self.reached = z().bool()
+        self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self.target_time = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self.reward_names = list(REWARD_SCALES)
+        self.episode_sums = {name: z() for name in self.reward_names}
+        self.episode_return = z()
+        # Statistics summed on the device and read once per iteration (pop_stats).
+        self.stats = {k: torch.zeros((), device=device) for k in
+                      ["episodes", "return", "length", "reached", "missed", "final_dist", "reach_time", "dist",
+                       "dist_steps"] + [f"rew_{n}" for n in self.reward_names]}
+        self.gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _rand(self, *shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=self.gen, device=self.device)
+
+    def _sample_targets(self, mask: torch.Tensor):
+        new = self.target_low + (self.target_high - self.target_low) * self._rand(self.num_envs, 3)
+        self.target.copy_(torch.where(mask[:, None], new, self.target))
+        self.target_time.masked_fill_(mask, 0)
+
+    def reset(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reset the environments in `mask` (all if None) on the device and return all observations."""
+        if mask is None:
+            mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        s, a = self.sim, self.args
+        qpos = s.default_qpos + self._rand(self.num_envs, 7, lo=-a.reset_noise, hi=a.reset_noise)
+        qpos = torch.clamp(qpos, self.lower, self.upper)
+        s.reset(mask, qpos, ctrl=self.actions_to_ctrl.reset_ctrl(qpos))
+        m = mask[:, None]
+        self.actions.masked_fill_(m, 0.0)
+        self.last_actions.masked_fill_(m, 0.0)
+        self.episode_length.masked_fill_(mask, 0)
+        self._sample_targets(mask)
+        return self._observe()
+
+    def desynchronize(self) -> None:
+        """Start every environment at a random point of its episode and of its first target (rsl_rl's
+        init_at_random_ep_len): otherwise all of them time out on the same step, forever, and each rollout sees
+        either no ending at all or thousands at once."""
+        self.episode_length.copy_((self._rand(self.num_envs) * self.max_episode_length).long())
+        self.target_time.copy_((self._rand(self.num_envs) * self.target_steps).long())
+
+    @property
+    def ee_pos(self) -> torch.Tensor:
+        return self.sim.site_xpos[:, self.ee_site]
+
+    def _observe(self) -> torch.Tensor:
+        q_scaled = 2.0 * (self.dof_pos - self.lower) / (self.upper - self.lower) - 1.0
+        ee = self.ee_pos
+        return torch.cat([q_scaled, self.dof_vel, ee, self.target, self.target - ee, self.actions], dim=-1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def step(self, actions: torch.Tensor):
+        """Apply actions for one policy step. Returns (obs, reward, terminated, truncated, final_obs): for
+        environments whose episode ended, obs is already the first observation of the next one and final_obs their
+        last one (to bootstrap the value on time-outs). terminated is always False: an arm cannot fail here."""
+        self.actions = actions.clamp(-1.0, 1.0)
+        self.sim.ctrl.copy_(self.actions_to_ctrl(self.actions, self.sim.ctrl))
+        self.sim.step()
+        self.episode_length += 1
+        self.target_time += 1
+
+        self.distance = (self.target - self.ee_pos).norm(dim=-1)
+        self.reached = self.distance < self.args.success_threshold
+        missed = (self.target_time >= self.target_steps) & ~self.reached
+        truncated = self.episode_length >= self.max_episode_length
+        terminated = torch.zeros_like(truncated)
+
+        reward = self._compute_reward()
+        self._accumulate_stats(reward, missed, truncated)
+        self._sample_targets(self.reached | missed)  # a new target, same episode
+        self.last_actions.copy_(self.actions)
+
+        final_obs = self._observe()
+        obs = self.reset(truncated)
+        return obs, reward, terminated, truncated, final_obs
+
+    def _compute_reward(self) -> torch.Tensor:
+        total = torch.zeros(self.num_envs, device=self.device)
+        for name in self.reward_names:
+            term = getattr(self, f"_reward_{name}")() * REWARD_SCALES[name]
+            self.episode_sums[name] += term
+            total += term
+        return total
+
+    def _accumulate_stats(self, reward, missed, done):
+        st, ended = self.stats, self.reached | missed  # targets that ended this step
+        self.episode_return += reward
+        st["episodes"] += done.sum()
+        st["return"] += (self.episode_return * done).sum()
+        st["length"] += (self.episode_length * done).sum()
+        st["reached"] += self.reached.sum()
+        st["missed"] += missed.sum()
+        st["final_dist"] += (self.distance * ended).sum()
+        st["reach_time"] += (self.target_time * self.reached).sum()
+        st["dist"] += self.distance.sum()
+        st["dist_steps"] += self.num_envs
+        for name in self.reward_names:
+            st[f"rew_{name}"] += (self.episode_sums[name] * done).sum()
+            self.episode_sums[name].masked_fill_(done, 0.0)
+        self.episode_return.masked_fill_(done, 0.0)
+
+    def pop_stats(self) -> dict[str, float]:
+        """Means since the last call (one host sync). Target metrics are over the targets that ended (reached or
+        missed); episode means over the episodes that ended."""
+        values = dict(zip(self.stats, torch.stack(list(self.stats.values())).tolist()))
+        for t in self.stats.values():
+            t.zero_()
+        targets = values["reached"] + values["missed"]
+        out = {"mean_distance": values["dist"] / max(values["dist_steps"], 1.0), "targets": targets}
+        if targets > 0:
+            out.update(success_rate=values["reached"] / targets, final_distance=values["final_dist"] / targets)
+        if values["reached"] > 0:
+            out["time_to_reach"] = values["reach_time"] / values["reached"] * self.dt
+        if values["episodes"] > 0:
+            episodes = values["episodes"]
+            out.update(episodes=episodes, episodic_return=values["return"] / episodes,
+                       episodic_length=values["length"] / episodes)
+            out.update({f"reward_{n}": values[f"rew_{n}"] / episodes for n in self.reward_names})
+        return out
+
+    # ---- Reward terms: one small function each, scaled by REWARD_SCALES ----------------------------------------
+    def _reward_distance(self):
+        return self.distance
+
+    def _reward_distance_fine(self):
+        return torch.exp(-self.distance / FINE_SIGMA)
+
+    def _reward_success(self):
+        return self.reached.float()
+
+    def _reward_action_rate(self):
+        return (self.actions - self.last_actions).square().sum(dim=1)
+
+    def _reward_joint_vel(self):
+        return self.dof_vel.square().sum(dim=1)
+
+
+# ==================================================================================================================
+# Observation normalizer
+# ==================================================================================================================
+class ObservationNormalizer(nn.Module):
+    """Running mean and variance of every observation over all environments and steps seen so far.
+
+    Each batch is merged exactly (Chan et al.'s parallel algorithm), so the statistics equal those of all batches
+    concatenated. Saved with the model (buffers), frozen at evaluation time.
+    """
+
+    def __init__(self, size: int, clip: float = 5.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("var", torch.ones(size))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        batch_mean, batch_var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+        total = self.count + n
+        w = (n / total).float()  # weight of the new batch
+        delta = batch_mean - self.mean
+        self.mean += delta * w
+        # M2 (sum of squared deviations) of the union = M2_a + M2_b + delta^2 * n_a * n_b / n
+        self.var.copy_(self.var * (1 - w) + batch_var * w + delta.square() * w * (1 - w))
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+# ==================================================================================================================
+# Actor-critic
+# ==================================================================================================================
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(sizes: list[int], out_std: float) -> nn.Sequential:
+    layers = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [layer_init(nn.Linear(a, b)), nn.ELU()]
+    return nn.Sequential(*layers, layer_init(nn.Linear(sizes[-2], sizes[-1]), std=out_std))
+
+
+class ActorCritic(nn.Module):
+    """Separate actor and critic MLPs, [256, 128, 64] with ELU (Isaac Lab's reach agent), and a state-independent
+    learnable log standard deviation for the Gaussian policy."""
+
+    def __init__(self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(256, 128, 64)):
+        super().__init__()
+        self.actor = mlp([num_obs, *hidden, num_actions], out_std=0.01)
+        self.critic = mlp([num_obs, *hidden, 1], out_std=1.0)
+        self.actor_logstd = nn.Parameter(torch.full((num_actions,), float(np.log(init_noise_std))))
+
+    def get_value(self, x):
+        return self.critic(x).squeeze(-1)
+
+    def get_action_and_value(self, x, action=None):
+        mean = self.actor(x)
+        dist = Normal(mean, self.actor_logstd.exp().expand_as(mean))
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.get_value(x)
+
+    def act_deterministic(self, x):
+        return self.actor(x)
+
+
+# ==================================================================================================================
+# PPO pieces
+# ==================================================================================================================
+def compute_gae(rewards, values, dones, next_value, gamma: float, gae_lambda: float):
+    """Generalized advantage estimation over a (T, N) rollout.
+
+    dones[t] is True when the episode ended after step t (terminated or timed out); a time-out's reward already
+    holds gamma * V(final observation), so cutting the bootstrap at every done is right for both kinds of ending.
+    next_value is V of the observation after the last step. Returns (advantages, returns).
+    """
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_v = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        not_done = 1.0 - dones[t].to(rewards.dtype)
+        delta = rewards[t] + gamma * next_v * not_done - values[t]
+        last = delta + gamma * gae_lambda * not_done * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+class DeployedPolicy(nn.Module):
+    """Raw observation -> action in [-1, 1], with the normalizer folded in: what a robot runs (its controller then
+    applies the same ActionHandler mapping)."""
+
+    def __init__(self, normalizer: ObservationNormalizer, actor: nn.Module):
+        super().__init__()
+        self.normalizer, self.actor = normalizer, actor
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(self.normalizer(obs)).clamp(-1.0, 1.0)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic: write a temporary file, then rename over the target, so a kill never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path} (look in runs/<run>/checkpoints/)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file: one message
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated or not a "
+                        "checkpoint; use another one, e.g. runs/<run>/checkpoints/latest.pt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        raise UserError(f"{path} is not a checkpoint of {SCRIPT}.py (it comes from "
+                        f"{ckpt.get('script', 'something else') if isinstance(ckpt, dict) else 'something else'})")
+    if (ckpt["obs_dim"], ckpt["act_dim"]) != (ReachEnv.num_obs, ReachEnv.num_actions):
+        raise UserError(f"{path} has {ckpt['obs_dim']} observations and {ckpt['act_dim']} actions; "
+                        f"this task has {ReachEnv.num_obs} and {ReachEnv.num_actions}")
+    return ckpt
+
+
+# The arguments that define what an action means: a policy only makes sense with the ones it was trained with.
+POLICY_ARGS = ("control_type", "max_delta")
+
+
+def adopt_policy_args(args: Args, ckpt: dict) -> None:
+    for name in POLICY_ARGS:
+        saved = ckpt["args"].get(name, getattr(args, name))
+        if saved != getattr(args, name):
+            print(f"note: using the checkpoint's --{name.replace('_', '-')} {saved} (its policy was trained with it)",
+                  flush=True)
+            setattr(args, name, saved)
+
+
+@torch.no_grad()
+def evaluate(agent, normalizer, device, args, num_envs: int) -> dict[str, float]:
+    """Deterministic policy (the mean action) on fresh environments and targets for eval_steps policy steps."""
+    env = ReachEnv(num_envs, device, dataclasses.replace(args, seed=args.seed + 10_000))
+    obs = env.reset()
+    for _ in range(args.eval_steps):
+        obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
+    stats = env.pop_stats()
+    # A policy that never reaches a target: success 0, and every target ended by a time-out at its start distance.
+    return {"success_rate": stats.get("success_rate", 0.0), "final_distance": stats.get("final_distance", float("nan")),
+            "time_to_reach": stats.get("time_to_reach", float("nan")), "mean_distance": stats["mean_distance"],
+            "targets": stats["targets"]}
+
+
+def finite_or_none(tree):
+    """NaN (e.g. the time to reach of a policy that reached nothing) as JSON's null, which every parser reads."""
+    if isinstance(tree, dict):
+        return {k: finite_or_none(v) for k, v in tree.items()}
+    return None if isinstance(tree, float) and not np.isfinite(tree) else tree
+
+
+def print_metrics_table(metrics: dict[str, float]) -> None:
+    units = {"success_rate": "", "final_distance": "m", "time_to_reach": "s", "mean_distance": "m", "targets": ""}
+    print(f"{'metric':<16}{'value':>12}")
+    for k, v in metrics.items():
+        print(f"{k:<16}{v:>12.4f} {units.get(k, '')}")
+
+
+@torch.no_grad()
+def record_video(agent, normalizer, device, args, path: Path) -> None:
+    """One environment under the deterministic policy, rendered on the host (outside the training loop). The red
+    sphere is the target (the mocap body); target and end-effector positions go to a JSON file beside the mp4."""
+    env = ReachEnv(1, device, dataclasses.replace(args, seed=args.seed + 20_000))
+    renderer = ec.Renderer(env.sim, width=640, height=480, camera="front")
+    obs, frames, log = env.reset(), [], []
+    try:
+        for _ in range(args.video_length):
+            target = env.target[0].cpu().numpy().tolist()  # the target this step aims at (it may be replaced)
+            obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
+            frames.append(renderer.render(0))
+            log.append({"t": len(log) * env.dt, "target": target, "ee": env.ee_pos[0].cpu().numpy().tolist(),
+                        "distance": float(env.distance[0]), "reached": bool(env.reached[0])})
+    finally:
+        renderer.close()
+    ec.save_video(frames, path, fps=1.0 / env.dt)
+    path.with_suffix(".json").write_text(json.dumps(log))
+
+
+def run_dir_of(ckpt_path: str) -> Path:
+    """runs/<run>/ for runs/<run>/checkpoints/x.pt; else the checkpoint's own folder."""
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def export_policy(agent, normalizer, ckpt_path: str) -> list[Path]:
+    out_dir = run_dir_of(ckpt_path) / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = DeployedPolicy(normalizer, agent.actor).cpu().eval()
+    example = torch.zeros(1, ReachEnv.num_obs)
+    written = [out_dir / "policy.pt"]
+    torch.jit.trace(policy, example).save(str(written[0]))
+    try:
+        torch.onnx.export(policy, (example,), str(out_dir / "policy.onnx"), input_names=["obs"],
+                          output_names=["actions"], dynamic_axes={"obs": {0: "batch"}}, dynamo=False)
+        written.append(out_dir / "policy.onnx")
+    except Exception as e:  # noqa: BLE001 - ONNX is optional: TorchScript was written
+        print(f"note: ONNX export skipped ({type(e).__name__}: {e}); pip install onnx to enable it")
+    return written
+
+
+# ==================================================================================================================
+# Main: PPO
+# ==================================================================================================================
+def check_args(args: Args) -> None:
+    """Reject bad input before anything is created or written."""
+    for name in ("num_envs", "num_iterations", "num_steps", "num_minibatches", "update_epochs", "save_interval",
+                 "video_interval", "video_length", "eval_envs", "eval_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("max_delta", "episode_length_s", "target_timeout_s", "success_threshold"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.control_type not in ("torque", "position", "position_delta"):
+        raise UserError(f"unknown --control-type {args.control_type!r}: use torque, position or position_delta")
+    if (args.eval or args.export) and not args.checkpoint:
+        raise UserError(f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint "
+                        "runs/<run>/checkpoints/latest.pt")
+    if args.num_envs is not None and (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise UserError(f"the batch of num_envs * num_steps = {args.num_envs * args.num_steps} does not split into "
+                        f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs")
+
+
+def main(args: Args) -> None:
+    check_args(args)
+    device = ec.resolve_device(args.device)
+    cpu_envs, cpu_iterations = 256, 60
+    if device.type == "cpu" and (args.num_envs is None or args.num_iterations is None):
+        print(f"note: no GPU in use, so running small on the CPU with --num-envs {args.num_envs or cpu_envs} "
+              f"--num-iterations {args.num_iterations or cpu_iterations} (pass --num-envs / --num-iterations to "
+              "change); this learns to reach roughly, a GPU learns it precisely", flush=True)
+    args.num_envs = args.num_envs or (4096 if device.type == "cuda" else cpu_envs)
+    args.num_iterations = args.num_iterations or (300 if device.type == "cuda" else cpu_iterations)
+    check_args(args)
+    ec.seed_everything(args.seed, args.torch_deterministic)
+    ckpt = load_checkpoint(args.checkpoint, device) if args.checkpoint else None
+    if ckpt is not None:
+        adopt_policy_args(args, ckpt)
+
+    agent = ActorCritic(ReachEnv.num_obs, ReachEnv.num_actions, args.init_noise_std).to(device)
+    normalizer = ObservationNormalizer(ReachEnv.num_obs, clip=args.obs_clip).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    start_iteration, global_step = 1, 0
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["model"])
+        normalizer.load_state_dict(ckpt["normalizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
+        if start_iteration > args.num_iterations and not (args.eval or args.export):
+            raise UserError(f"{args.checkpoint} is at iteration {ckpt['iteration']} already: pass a larger "
+                            f"--num-iterations to train on")
+
+    if args.export:
+        for path in export_policy(agent, normalizer, args.checkpoint):
+            print(f"wrote {path}")
+        return
+    if args.eval:
+        print(f"evaluating {args.checkpoint} ({args.control_type} control) on {args.num_envs} environments for "
+              f"{args.eval_steps} steps...", flush=True)
+        metrics = evaluate(agent, normalizer, device, args, args.num_envs)
+        print_metrics_table(metrics)
+        out = run_dir_of(args.checkpoint) / "eval.json"
+        out.write_text(json.dumps(finite_or_none({"checkpoint": args.checkpoint, "control_type": args.control_type,
+                                                  **metrics}), indent=2))
+        print(f"wrote {out}")
+        if args.capture_video:
+            record_video(agent, normalizer, device, args, out.with_name("eval.mp4"))
+            print(f"wrote {out.with_name('eval.mp4')}")
+        return
+
+    # A resumed run keeps writing into its own directory.
+    if ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints":
+        run_dir = run_dir_of(args.checkpoint)
+    else:
+        run_dir = Path("runs") / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = run_dir.name
+    if args.track:
+        try:
+            import wandb  # only --track needs it
+        except ImportError:
+            raise UserError("--track needs wandb: pip install wandb") from None
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(str(run_dir), flush_secs=10)  # a killed run loses at most 10 s of curves
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    env = ReachEnv(args.num_envs, device, args)
+    print(f"{run_name}: {args.num_envs} environments on {device}, {args.control_type} control, "
+          f"{args.num_iterations} iterations of {args.num_steps} steps", flush=True)
+
+    # Rollout storage, preallocated on the device.
+    T, N = args.num_steps, args.num_envs
+    obs_buf = torch.zeros(T, N, ReachEnv.num_obs, device=device)
+    actions_buf = torch.zeros(T, N, ReachEnv.num_actions, device=device)
+    logprobs_buf, rewards_buf, values_buf = (torch.zeros(T, N, device=device) for _ in range(3))
+    dones_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
+    batch_size = T * N
+    minibatch_size = batch_size // args.num_minibatches
+    summary = {"control_type": args.control_type, "num_envs": N}
+
+    t_outside = 0.0  # seconds spent in evaluations and videos, left out of the training wall time
+
+    def run_eval(tag: str) -> dict[str, float]:
+        nonlocal t_outside
+        t0 = time.time()
+        ev = evaluate(agent, normalizer, device, args, min(args.eval_envs, args.num_envs))
+        for k, v in ev.items():
+            writer.add_scalar(f"eval/{k}", v, global_step)
+        print(f"  eval ({tag}): success {ev['success_rate']:.3f} | final dist {ev['final_distance']:.4f} m | "
+              f"reach {ev['time_to_reach']:.2f} s | mean dist {ev['mean_distance']:.4f} m | "
+              f"training wall time {t0 - start_time - t_outside:.1f} s", flush=True)
+        t_outside += time.time() - t0
+        return ev
+
+    shown = dict.fromkeys(["episodic_return", "success_rate", "final_distance", "time_to_reach"], float("nan"))
+    start_time = PROCESS_START  # training wall time: start-up included, evaluations and videos left out
+    print(f"start-up took {time.time() - start_time:.1f} s", flush=True)
+    if args.eval_interval and start_iteration == 1:
+        summary["initial_eval"] = run_eval("untrained")  # the baseline every learning curve starts from
+    next_obs = env.reset()
+    env.desynchronize()
+    for iteration in range(start_iteration, args.num_iterations + 1):
+        t_iter = time.perf_counter()
+        t_sim = t_policy = 0.0
+        # ---------------- rollout: no host synchronisation in here ----------------
+        with torch.no_grad():
+            for step in range(T):
+                t0 = time.perf_counter()
+                normalizer.update(next_obs)
+                obs = normalizer(next_obs)
+                action, logprob, _, value = agent.get_action_and_value(obs)
+                t1 = time.perf_counter()
+                next_obs, reward, terminated, truncated, final_obs = env.step(action)
+                t2 = time.perf_counter()
+                # Time-outs are not failures: bootstrap with the value of the last observation of the episode.
+                reward = reward + args.gamma * agent.get_value(normalizer(final_obs)) * truncated
+                obs_buf[step], actions_buf[step], logprobs_buf[step] = obs, action, logprob
+                values_buf[step], rewards_buf[step], dones_buf[step] = value, reward, terminated | truncated
+                t_policy += (t1 - t0) + (time.perf_counter() - t2)
+                t_sim += t2 - t1
+            next_value = agent.get_value(normalizer(next_obs))
+            advantages, returns = compute_gae(rewards_buf, values_buf, dones_buf, next_value,
+                                              args.gamma, args.gae_lambda)
+        global_step += batch_size
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # so the phase timings below are real, not queued work
+        t_rollout = time.perf_counter() - t_iter
+
+        # ---------------- PPO update ----------------
+        t_update = time.perf_counter()
+        b_obs, b_actions = obs_buf.reshape(batch_size, -1), actions_buf.reshape(batch_size, -1)
+        b_logprobs, b_advantages = logprobs_buf.reshape(-1), advantages.reshape(-1)
+        b_returns, b_values = returns.reshape(-1), values_buf.reshape(-1)
+        clipfracs, approx_kls = [], []
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = perm[start:start + minibatch_size]
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                logratio = newlogprob - b_logprobs[mb]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                    approx_kls.append(approx_kl)
+                mb_adv = b_advantages[mb]
+                if args.norm_adv:
+                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                pg_loss = torch.max(-mb_adv * ratio,
+                                    -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                if args.clip_vloss:
+                    v_clipped = b_values[mb] + (newvalue - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max((newvalue - b_returns[mb]).square(),
+                                             (v_clipped - b_returns[mb]).square()).mean()
+                else:
+                    v_loss = 0.5 * (newvalue - b_returns[mb]).square().mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                # KL-adaptive learning rate (rsl_rl's schedule): keep each update's step in policy space steady.
+                # (One small sync per minibatch, outside the rollout loop.)
+                if args.desired_kl > 0:
+                    kl = approx_kl.item()
+                    lr = optimizer.param_groups[0]["lr"]
+                    if kl > 2.0 * args.desired_kl:
+                        lr = max(1e-5, lr / 1.5)
+                    elif kl < args.desired_kl / 2.0:
+                        lr = min(1e-2, lr * 1.5)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+        y_pred, y_true = b_values, b_returns
+        explained_var = 1 - (y_true - y_pred).var() / y_true.var().clamp(min=1e-8)
+        losses = torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, torch.stack(approx_kls).mean(),
+                              torch.stack(clipfracs).mean(), explained_var, agent.actor_logstd.exp().mean()]).tolist()
+        t_update = time.perf_counter() - t_update
+
+        # ---------------- logging (one host sync per iteration) ----------------
+        stats = env.pop_stats()
+        sps = int(batch_size / (t_rollout + t_update))
+        wall = time.time() - start_time - t_outside  # training only: rollouts, updates, logging
+        scalars = {
+            "charts/SPS": sps, "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/action_std": losses[7],
+            "losses/value_loss": losses[0], "losses/policy_loss": losses[1], "losses/entropy": losses[2],
+            "losses/old_approx_kl": losses[3], "losses/approx_kl": losses[4], "losses/clipfrac": losses[5],
+            "losses/explained_variance": losses[6],
+            "perf/sim_time": t_sim, "perf/policy_time": t_policy, "perf/update_time": t_update, "perf/wall_time": wall,
+            "metrics/mean_distance": stats["mean_distance"],
+        }
+        for key in ("success_rate", "final_distance", "time_to_reach"):
+            if key in stats:
+                scalars[f"metrics/{key}"] = stats[key]
+        if "episodes" in stats:
+            scalars.update({"charts/episodic_return": stats["episodic_return"],
+                            "charts/episodic_length": stats["episodic_length"]})
+            scalars.update({f"rewards/{n}": stats[f"reward_{n}"] for n in env.reward_names})
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, global_step)
+        # A rollout (24 steps, 0.5 s) is shorter than a target (up to 2.5 s) or an episode (5 s), so some iterations
+        # see none end: the console shows the latest figures (TensorBoard gets only fresh ones).
+        shown.update(stats)
+        print(f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
+              f"return {shown['episodic_return']:8.2f} | success {shown['success_rate']:.3f} | "
+              f"final dist {shown['final_distance']:.4f} m | reach {shown['time_to_reach']:.2f} s | "
+              f"{wall:6.1f} s", flush=True)
+
+        last = iteration == args.num_iterations
+        if args.eval_interval and (iteration % args.eval_interval == 0 or last):
+            summary["final_eval"] = run_eval(f"iteration {iteration}")
+        if iteration % args.save_interval == 0 or last:
+            payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
+                       "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
+                       "normalizer": normalizer.state_dict(), "args": dataclasses.asdict(args),
+                       "obs_dim": ReachEnv.num_obs, "act_dim": ReachEnv.num_actions,
+                       "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                               "torch": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+            save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
+            save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
+        if args.capture_video and (iteration % args.video_interval == 0 or last):
+            video = run_dir / "videos" / f"iter_{iteration:06d}.mp4"
+            video.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            record_video(agent, normalizer, device, args, video)
+            t_outside += time.time() - t0
+            if args.track:
+                wandb.log({"videos/policy": wandb.Video(str(video), format="mp4"), "global_step": global_step})
+
+    # The run's figures in one file (what the learning test and a benchmark read): the last rollout's metrics,
+    # the deterministic evaluations before and after training, and the training wall time (no evaluations).
+    summary.update(iteration=args.num_iterations, global_step=global_step, train_wall_time_s=time.time() - start_time - t_outside,
+                   last_rollouts={k: shown[k] for k in ("success_rate", "final_distance", "time_to_reach")})
+    (run_dir / "metrics.json").write_text(json.dumps(finite_or_none(summary), indent=2))
+    writer.close()
+    if args.track:
+        wandb.finish()
+    print(f"done: {run_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
