@@ -115,55 +115,6 @@ def test_export_matches_the_scripts_own_policy(trained_run):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GAE and the normalizer against plain references
-# ---------------------------------------------------------------------------------------------------------------
-def test_gae_matches_a_plain_numpy_loop():
-    rng = np.random.default_rng(0)
-    T, N, gamma, lam = 16, 5, 0.99, 0.95
-    rewards, values = rng.normal(size=(T, N)), rng.normal(size=(T, N))
-    final_values, next_value = rng.normal(size=(T, N)), rng.normal(size=N)
-    terminated = rng.random((T, N)) < 0.1
-    truncated = (rng.random((T, N)) < 0.1) & ~terminated
-    # Reference: the textbook definition, one environment and one step at a time, with the two kinds of ending
-    # told apart: a fall has no future; a time-out's future is worth V(final observation).
-    ref = np.zeros((T, N))
-    for n in range(N):
-        acc = 0.0
-        for t in reversed(range(T)):
-            if terminated[t, n]:
-                delta, acc = rewards[t, n] - values[t, n], 0.0
-            elif truncated[t, n]:
-                delta, acc = rewards[t, n] + gamma * final_values[t, n] - values[t, n], 0.0
-            else:
-                nv = next_value[n] if t == T - 1 else values[t + 1, n]
-                delta = rewards[t, n] + gamma * nv - values[t, n]
-            acc = delta + gamma * lam * acc
-            ref[t, n] = acc
-    # The script's way: bootstrap time-outs in the reward, then GAE cut at every done.
-    r = torch.tensor(rewards) + gamma * torch.tensor(final_values) * torch.tensor(truncated)
-    adv, ret = loco.compute_gae(r, torch.tensor(values), torch.tensor(terminated | truncated),
-                                torch.tensor(next_value), gamma, lam)
-    np.testing.assert_allclose(adv.numpy(), ref, atol=1e-12)
-    np.testing.assert_allclose(ret.numpy(), ref + values, atol=1e-12)
-
-
-def test_normalizer_matches_numpy_over_concatenated_batches():
-    rng = np.random.default_rng(1)
-    batches = [rng.normal(loc=3.0, scale=s, size=(n, 7)) for n, s in [(5, 1.0), (128, 4.0), (1, 2.0), (33, 0.5)]]
-    norm = loco.ObservationNormalizer(7, clip=1e9)
-    for b in batches:
-        norm.update(torch.tensor(b, dtype=torch.float32))
-    all_obs = np.concatenate(batches)
-    np.testing.assert_allclose(norm.mean.numpy(), all_obs.mean(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(norm.var.numpy(), all_obs.var(0), rtol=1e-4)
-    assert norm.count.item() == len(all_obs)
-    x = torch.tensor(all_obs[:3], dtype=torch.float32)
-    np.testing.assert_allclose(norm(x).numpy(), (all_obs[:3] - all_obs.mean(0)) / np.sqrt(all_obs.var(0)),
-                               rtol=1e-3, atol=1e-4)
-    assert loco.ObservationNormalizer(7, clip=5.0).forward(torch.full((1, 7), 100.0)).max() == 5.0
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Reward terms on hand-built states
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
