@@ -72,6 +72,13 @@ class Args:
     export: bool = False
     """write the policy of --checkpoint, observation normalizer folded in, as TorchScript and ONNX"""
 
+    tf32: bool = True
+    """on a GPU, let float32 matrix products use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation):
+    several times faster MLPs, and PPO's noisy gradients do not need the last bits (--no-tf32: full float32)"""
+    cudagraphs: bool = True
+    """on a GPU, record one rollout step (policy, physics, observations, rewards, resets, storage) as a CUDA graph
+    once and replay it: one launch per step instead of hundreds of small ones (--no-cudagraphs: plain eager torch)"""
+
     # Sizes
     num_envs: Optional[int] = None
     """number of parallel environments (default: 4096 on a GPU, 256 on the CPU)"""
@@ -298,8 +305,11 @@ class ReachEnv:
     def step(self, actions: torch.Tensor):
         """Apply actions for one policy step. Returns (obs, reward, terminated, truncated, final_obs): for
         environments whose episode ended, obs is already the first observation of the next one and final_obs their
-        last one (to bootstrap the value on time-outs). terminated is always False: an arm cannot fail here."""
-        self.actions = actions.clamp(-1.0, 1.0)
+        last one (to bootstrap the value on time-outs). terminated is always False: an arm cannot fail here.
+
+        Persistent state is only ever written in place (copy_, +=, masked_fill_) and nothing branches on tensor
+        values, so that this can be recorded in a CUDA graph (--cudagraphs) and replayed."""
+        self.actions.copy_(actions.clamp(-1.0, 1.0))
         self.sim.ctrl.copy_(self.actions_to_ctrl(self.actions, self.sim.ctrl))
         self.sim.step()
         self.episode_length += 1
@@ -445,9 +455,10 @@ class ActorCritic(nn.Module):
 
     def get_action_and_value(self, x, action=None):
         mean = self.actor(x)
-        dist = Normal(mean, self.actor_logstd.exp().expand_as(mean))
-        if action is None:
-            action = dist.sample()
+        # validate_args=False: the argument checks would read tensors on the host, a sync inside the rollout
+        dist = Normal(mean, self.actor_logstd.exp().expand_as(mean), validate_args=False)
+        if action is None:  # dist.sample(), without torch.normal's check of the std on the host (a sync)
+            action = mean + dist.stddev * torch.randn_like(mean)
         return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.get_value(x)
 
     def act_deterministic(self, x):
@@ -473,6 +484,120 @@ def compute_gae(rewards, values, dones, next_value, gamma: float, gae_lambda: fl
         last = delta + gamma * gae_lambda * not_done * last
         advantages[t] = last
     return advantages, advantages + values
+
+
+@dataclass
+class RolloutStorage:
+    """The rollout, preallocated on the device: row t of each (T, N, ...) buffer holds rollout step t of every
+    environment. `step` is t as a device tensor, so that one recorded CUDA graph can write any row."""
+
+    obs: torch.Tensor          # (T, N, num_obs) normalized observations the policy acted on
+    actions: torch.Tensor      # (T, N, num_actions)
+    logprobs: torch.Tensor     # (T, N) log-probability of each action under the policy that sampled it
+    rewards: torch.Tensor      # (T, N) with gamma * V(final observation) added on time-outs
+    values: torch.Tensor       # (T, N) critic's value of obs
+    dones: torch.Tensor        # (T, N) bool: the episode ended after this step (fell or timed out)
+    step: torch.Tensor         # (1,) long: the row the next rollout step writes
+    next_obs: torch.Tensor     # (N, num_obs) raw observation the policy acts on next
+
+    @classmethod
+    def allocate(cls, T: int, N: int, num_obs: int, num_actions: int, device) -> RolloutStorage:
+        z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(T, N, num_obs), z(T, N, num_actions), z(T, N), z(T, N), z(T, N), z(T, N, dtype=torch.bool),
+                   z(1, dtype=torch.long), z(N, num_obs))
+
+
+def make_rollout_step(env: ReachEnv, agent: ActorCritic, normalizer: ObservationNormalizer, storage: RolloutStorage,
+                      args: Args):
+    """One environment step of the rollout: normalize, act, simulate, store in row `storage.step`. It reads and
+    writes its tensors in place only, so that on a GPU it can be recorded once as a CUDA graph and replayed."""
+
+    @torch.no_grad()
+    def rollout_step() -> None:
+        normalizer.update(storage.next_obs)
+        obs = normalizer(storage.next_obs)
+        action, logprob, _, value = agent.get_action_and_value(obs)
+        next_obs, reward, terminated, truncated, final_obs = env.step(action)
+        # Time-outs are not failures: bootstrap with the value of the last observation of the episode.
+        reward = reward + args.gamma * agent.get_value(normalizer(final_obs)) * truncated
+        for buf, x in ((storage.obs, obs), (storage.actions, action), (storage.logprobs, logprob),
+                       (storage.values, value), (storage.rewards, reward), (storage.dones, terminated | truncated)):
+            buf.index_copy_(0, storage.step, x.unsqueeze(0))
+        storage.next_obs.copy_(next_obs)
+        storage.step.add_(1)
+
+    return rollout_step
+
+
+def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storage: RolloutStorage, args: Args):
+    """PPO's clipped surrogate on the rollout in `storage`: update_epochs passes over shuffled minibatches.
+
+    Returns update(advantages, returns) -> the losses and statistics as device tensors (reading them is the
+    caller's one host sync). One minibatch step (forward, backward, gradient clipping, Adam, learning rate) reads
+    its rows through the index tensor `mb` and writes everything in place, so that on a GPU it is recorded once
+    as a CUDA graph and replayed (--cudagraphs): a few hundred small kernels at the cost of one launch."""
+    device = storage.obs.device
+    batch_size = storage.rewards.numel()
+    minibatch_size = batch_size // args.num_minibatches
+    b_obs, b_actions = storage.obs.view(batch_size, -1), storage.actions.view(batch_size, -1)
+    b_logprobs, b_values = storage.logprobs.view(-1), storage.values.view(-1)
+    b_advantages, b_returns = torch.zeros(batch_size, device=device), torch.zeros(batch_size, device=device)
+    mb = torch.zeros(minibatch_size, dtype=torch.long, device=device)  # the rows of the current minibatch
+    lr = optimizer.param_groups[0]["lr"]  # a tensor on the device, shared by every parameter group
+    last = torch.zeros(4, device=device)  # value loss, policy loss, entropy, old approx KL of the last minibatch
+    sums = torch.zeros(2, device=device)  # approx KL and clip fraction, summed over the minibatches
+
+    def minibatch_step() -> None:
+        _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+        logratio = newlogprob - b_logprobs[mb]
+        ratio = logratio.exp()
+        with torch.no_grad():
+            old_approx_kl = (-logratio).mean()
+            approx_kl = ((ratio - 1) - logratio).mean()
+            clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+        mb_adv = b_advantages[mb]
+        if args.norm_adv:
+            mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+        pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+        if args.clip_vloss:
+            v_clipped = b_values[mb] + (newvalue - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
+            v_loss = 0.5 * torch.max((newvalue - b_returns[mb]).square(), (v_clipped - b_returns[mb]).square()).mean()
+        else:
+            v_loss = 0.5 * (newvalue - b_returns[mb]).square().mean()
+        entropy_loss = entropy.mean()
+        loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+        optimizer.zero_grad(set_to_none=False)  # zeroed in place: the gradients keep their addresses
+        loss.backward()
+        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        optimizer.step()
+        # KL-adaptive learning rate (rsl_rl's schedule): keep each update's step in policy space steady.
+        # Computed on the device: no .item(), so the GPU never waits for Python between minibatches.
+        if args.desired_kl > 0:
+            factor = torch.where(approx_kl > 2.0 * args.desired_kl, 1 / 1.5,
+                                 torch.where(approx_kl < args.desired_kl / 2.0, 1.5, 1.0))
+            lr.copy_((lr * factor).clamp(1e-5, 1e-2))
+        with torch.no_grad():
+            last.copy_(torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl]))
+            sums.add_(torch.stack([approx_kl, clipfrac]))
+
+    run_minibatch_step = ec.cuda_graphed(minibatch_step, device) if args.cudagraphs else minibatch_step
+
+    def update(advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        b_advantages.copy_(advantages.view(-1))
+        b_returns.copy_(returns.view(-1))
+        sums.zero_()
+        for _ in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb.copy_(perm[start:start + minibatch_size])
+                run_minibatch_step()
+        explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp(min=1e-8)
+        n = args.update_epochs * args.num_minibatches
+        return {"value_loss": last[0], "policy_loss": last[1], "entropy": last[2], "old_approx_kl": last[3],
+                "approx_kl": sums[0] / n, "clipfrac": sums[1] / n, "explained_variance": explained_var,
+                "action_std": agent.actor_logstd.exp().mean(), "learning_rate": lr}
+
+    return update
 
 
 class DeployedPolicy(nn.Module):
@@ -530,8 +655,13 @@ def evaluate(agent, normalizer, device, args, num_envs: int) -> dict[str, float]
     """Deterministic policy (the mean action) on fresh environments and targets for eval_steps policy steps."""
     env = ReachEnv(num_envs, device, dataclasses.replace(args, seed=args.seed + 10_000))
     obs = env.reset()
+
+    def eval_step():
+        obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
+
+    run_eval_step = ec.cuda_graphed(eval_step, device, [env.gen]) if args.cudagraphs else eval_step
     for _ in range(args.eval_steps):
-        obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
+        run_eval_step()
     stats = env.pop_stats()
     # A policy that never reaches a target: success 0, and every target ended by a time-out at its start distance.
     return {"success_rate": stats.get("success_rate", 0.0), "final_distance": stats.get("final_distance", float("nan")),
@@ -630,13 +760,17 @@ def main(args: Args) -> None:
     args.num_iterations = args.num_iterations or (300 if device.type == "cuda" else cpu_iterations)
     check_args(args)
     ec.seed_everything(args.seed, args.torch_deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     ckpt = load_checkpoint(args.checkpoint, device) if args.checkpoint else None
     if ckpt is not None:
         adopt_policy_args(args, ckpt)
 
     agent = ActorCritic(ReachEnv.num_obs, ReachEnv.num_actions, args.init_noise_std).to(device)
     normalizer = ObservationNormalizer(ReachEnv.num_obs, clip=args.obs_clip).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    # The learning rate is a tensor on the device, so that ppo_update's KL-adaptive schedule changes it without a
+    # host sync; the fused Adam kernel (GPU) reads it from there.
+    optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
+                                 fused=device.type == "cuda", capturable=device.type == "cuda" and args.cudagraphs)
     start_iteration, global_step = 1, 0
     if ckpt is not None:
         agent.load_state_dict(ckpt["model"])
@@ -685,14 +819,9 @@ def main(args: Args) -> None:
     print(f"{run_name}: {args.num_envs} environments on {device}, {args.control_type} control, "
           f"{args.num_iterations} iterations of {args.num_steps} steps", flush=True)
 
-    # Rollout storage, preallocated on the device.
+    # Rollout storage, preallocated on the device, and the rollout step (one CUDA graph on a GPU, --cudagraphs).
     T, N = args.num_steps, args.num_envs
-    obs_buf = torch.zeros(T, N, ReachEnv.num_obs, device=device)
-    actions_buf = torch.zeros(T, N, ReachEnv.num_actions, device=device)
-    logprobs_buf, rewards_buf, values_buf = (torch.zeros(T, N, device=device) for _ in range(3))
-    dones_buf = torch.zeros(T, N, dtype=torch.bool, device=device)
-    batch_size = T * N
-    minibatch_size = batch_size // args.num_minibatches
+    storage = RolloutStorage.allocate(T, N, ReachEnv.num_obs, ReachEnv.num_actions, device)
     summary = {"control_type": args.control_type, "num_envs": N}
 
     t_outside = 0.0  # seconds spent in evaluations and videos, left out of the training wall time
@@ -714,97 +843,41 @@ def main(args: Args) -> None:
     print(f"start-up took {time.time() - start_time:.1f} s", flush=True)
     if args.eval_interval and start_iteration == 1:
         summary["initial_eval"] = run_eval("untrained")  # the baseline every learning curve starts from
-    next_obs = env.reset()
+    storage.next_obs.copy_(env.reset())
     env.desynchronize()
+    rollout_step = make_rollout_step(env, agent, normalizer, storage, args)
+    run_rollout_step = ec.cuda_graphed(rollout_step, device, [env.gen]) if args.cudagraphs else rollout_step
+    ppo_update = make_ppo_update(agent, optimizer, storage, args)
     for iteration in range(start_iteration, args.num_iterations + 1):
-        t_iter = time.perf_counter()
-        t_sim = t_policy = 0.0
         # ---------------- rollout: no host synchronisation in here ----------------
+        t_rollout = time.perf_counter()
+        storage.step.zero_()
+        for _ in range(T):
+            run_rollout_step()
         with torch.no_grad():
-            for step in range(T):
-                t0 = time.perf_counter()
-                normalizer.update(next_obs)
-                obs = normalizer(next_obs)
-                action, logprob, _, value = agent.get_action_and_value(obs)
-                t1 = time.perf_counter()
-                next_obs, reward, terminated, truncated, final_obs = env.step(action)
-                t2 = time.perf_counter()
-                # Time-outs are not failures: bootstrap with the value of the last observation of the episode.
-                reward = reward + args.gamma * agent.get_value(normalizer(final_obs)) * truncated
-                obs_buf[step], actions_buf[step], logprobs_buf[step] = obs, action, logprob
-                values_buf[step], rewards_buf[step], dones_buf[step] = value, reward, terminated | truncated
-                t_policy += (t1 - t0) + (time.perf_counter() - t2)
-                t_sim += t2 - t1
-            next_value = agent.get_value(normalizer(next_obs))
-            advantages, returns = compute_gae(rewards_buf, values_buf, dones_buf, next_value,
+            next_value = agent.get_value(normalizer(storage.next_obs))
+            advantages, returns = compute_gae(storage.rewards, storage.values, storage.dones, next_value,
                                               args.gamma, args.gae_lambda)
-        global_step += batch_size
+        global_step += T * N
         if device.type == "cuda":
             torch.cuda.synchronize()  # so the phase timings below are real, not queued work
-        t_rollout = time.perf_counter() - t_iter
+        t_rollout = time.perf_counter() - t_rollout
 
         # ---------------- PPO update ----------------
         t_update = time.perf_counter()
-        b_obs, b_actions = obs_buf.reshape(batch_size, -1), actions_buf.reshape(batch_size, -1)
-        b_logprobs, b_advantages = logprobs_buf.reshape(-1), advantages.reshape(-1)
-        b_returns, b_values = returns.reshape(-1), values_buf.reshape(-1)
-        clipfracs, approx_kls = [], []
-        for epoch in range(args.update_epochs):
-            perm = torch.randperm(batch_size, device=device)
-            for start in range(0, batch_size, minibatch_size):
-                mb = perm[start:start + minibatch_size]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                logratio = newlogprob - b_logprobs[mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-                    approx_kls.append(approx_kl)
-                mb_adv = b_advantages[mb]
-                if args.norm_adv:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio,
-                                    -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-                if args.clip_vloss:
-                    v_clipped = b_values[mb] + (newvalue - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
-                    v_loss = 0.5 * torch.max((newvalue - b_returns[mb]).square(),
-                                             (v_clipped - b_returns[mb]).square()).mean()
-                else:
-                    v_loss = 0.5 * (newvalue - b_returns[mb]).square().mean()
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-                # KL-adaptive learning rate (rsl_rl's schedule): keep each update's step in policy space steady.
-                # (One small sync per minibatch, outside the rollout loop.)
-                if args.desired_kl > 0:
-                    kl = approx_kl.item()
-                    lr = optimizer.param_groups[0]["lr"]
-                    if kl > 2.0 * args.desired_kl:
-                        lr = max(1e-5, lr / 1.5)
-                    elif kl < args.desired_kl / 2.0:
-                        lr = min(1e-2, lr * 1.5)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-        y_pred, y_true = b_values, b_returns
-        explained_var = 1 - (y_true - y_pred).var() / y_true.var().clamp(min=1e-8)
-        losses = torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, torch.stack(approx_kls).mean(),
-                              torch.stack(clipfracs).mean(), explained_var, agent.actor_logstd.exp().mean()]).tolist()
+        losses = ppo_update(advantages, returns)
+        losses = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # the iteration's one wait for the GPU
         t_update = time.perf_counter() - t_update
 
         # ---------------- logging (one host sync per iteration) ----------------
         stats = env.pop_stats()
-        sps = int(batch_size / (t_rollout + t_update))
+        sps = int(T * N / (t_rollout + t_update))
         wall = time.time() - start_time - t_outside  # training only: rollouts, updates, logging
         scalars = {
-            "charts/SPS": sps, "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/action_std": losses[7],
-            "losses/value_loss": losses[0], "losses/policy_loss": losses[1], "losses/entropy": losses[2],
-            "losses/old_approx_kl": losses[3], "losses/approx_kl": losses[4], "losses/clipfrac": losses[5],
-            "losses/explained_variance": losses[6],
-            "perf/sim_time": t_sim, "perf/policy_time": t_policy, "perf/update_time": t_update, "perf/wall_time": wall,
+            "charts/SPS": sps, "charts/learning_rate": losses["learning_rate"], "charts/action_std": losses["action_std"],
+            **{f"losses/{k}": losses[k] for k in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl",
+                                                   "clipfrac", "explained_variance")},
+            "perf/rollout_time": t_rollout, "perf/update_time": t_update, "perf/wall_time": wall,
             "metrics/mean_distance": stats["mean_distance"],
         }
         for key in ("success_rate", "final_distance", "time_to_reach"):

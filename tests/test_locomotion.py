@@ -66,7 +66,7 @@ def test_end_to_end_writes_logs_checkpoints_and_video(trained_run):
     tags = set(acc.Tags()["scalars"])
     for tag in ["charts/SPS", "charts/learning_rate", "charts/action_std", "losses/value_loss", "losses/policy_loss",
                 "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
-                "perf/sim_time", "perf/policy_time", "perf/update_time", "metrics/lin_vel_error",
+                "perf/rollout_time", "perf/update_time", "metrics/lin_vel_error",
                 "metrics/yaw_rate_error"]:
         assert tag in tags, tag
 

@@ -75,7 +75,7 @@ def test_end_to_end_writes_logs_checkpoints_and_video(trained_run):
     tags = set(EventAccumulator(str(run_dir)).Reload().Tags()["scalars"])
     for tag in ["charts/SPS", "charts/learning_rate", "charts/action_std", "charts/episodic_return",
                 "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
-                "losses/explained_variance", "perf/sim_time", "perf/policy_time", "perf/update_time",
+                "losses/explained_variance", "perf/rollout_time", "perf/update_time",
                 "metrics/mean_distance", *[f"rewards/{n}" for n in reach.REWARD_SCALES]]:
         assert tag in tags, tag
 
