@@ -75,6 +75,9 @@ class Args:
     tf32: bool = True
     """on a GPU, let float32 matrix products use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation):
     several times faster MLPs, and PPO's noisy gradients do not need the last bits (--no-tf32: full float32)"""
+    compile: bool = False
+    """torch.compile the rollout step and the minibatch losses: fuses their many small kernels into a few, at the
+    cost of compiling them at start-up (cached afterwards)"""
     cudagraphs: bool = True
     """on a GPU, record one rollout step (policy, physics, observations, rewards, resets, storage) as a CUDA graph
     once and replay it: one launch per step instead of hundreds of small ones (--no-cudagraphs: plain eager torch)"""
@@ -547,7 +550,7 @@ def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storag
     last = torch.zeros(4, device=device)  # value loss, policy loss, entropy, old approx KL of the last minibatch
     sums = torch.zeros(2, device=device)  # approx KL and clip fraction, summed over the minibatches
 
-    def minibatch_step() -> None:
+    def minibatch_losses():
         _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
         logratio = newlogprob - b_logprobs[mb]
         ratio = logratio.exp()
@@ -566,6 +569,12 @@ def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storag
             v_loss = 0.5 * (newvalue - b_returns[mb]).square().mean()
         entropy_loss = entropy.mean()
         loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+        return loss, v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac
+
+    losses_fn = torch.compile(minibatch_losses) if args.compile else minibatch_losses
+
+    def minibatch_step() -> None:
+        loss, v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = losses_fn()
         optimizer.zero_grad(set_to_none=False)  # zeroed in place: the gradients keep their addresses
         loss.backward()
         nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -846,6 +855,8 @@ def main(args: Args) -> None:
     storage.next_obs.copy_(env.reset())
     env.desynchronize()
     rollout_step = make_rollout_step(env, agent, normalizer, storage, args)
+    if args.compile:
+        rollout_step = torch.compile(rollout_step)
     run_rollout_step = ec.cuda_graphed(rollout_step, device, [env.gen]) if args.cudagraphs else rollout_step
     ppo_update = make_ppo_update(agent, optimizer, storage, args)
     for iteration in range(start_iteration, args.num_iterations + 1):

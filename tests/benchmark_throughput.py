@@ -51,7 +51,7 @@ def timed(fn, repeats: int, device) -> float:
 
 def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     args = script.Args(num_envs=num_envs, num_iterations=opts.iterations, device=str(device), seed=opts.seed,
-                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, **dict(opts.script_args))
+                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, compile=opts.compile, **dict(opts.script_args))
     script.check_args(args)
     ec.seed_everything(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # as the scripts' main()
@@ -71,6 +71,8 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     storage = script.RolloutStorage.allocate(T, num_envs, env_cls.num_obs, env_cls.num_actions, device)
     storage.next_obs.copy_(env.reset())
     rollout_step = script.make_rollout_step(env, agent, normalizer, storage, args)
+    if args.compile:
+        rollout_step = torch.compile(rollout_step)
     run_rollout_step = ec.cuda_graphed(rollout_step, device, [env.gen]) if args.cudagraphs else rollout_step
     ppo_update = script.make_ppo_update(agent, optimizer, storage, args)
 
@@ -137,6 +139,7 @@ def main():
     parser.add_argument("--physics-steps", type=int, default=100, help="timed physics-only environment steps")
     parser.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
                         help="the plain eager path, to see what the CUDA graphs give")
+    parser.add_argument("--compile", action="store_true", help="the scripts' --compile (torch.compile)")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 matrix products")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--set", dest="script_args", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
@@ -159,12 +162,14 @@ def main():
     header = (f"{'envs':>7} | {'physics':>9} | {'rollout':>9} | {'training':>9} | {'roll/phys':>9} | "
               f"{'train/phys':>10} | {'rollout ms':>10} | {'update ms':>9} | {'GPU GiB':>7}")
     rows = []
+    t_start = time.time()
     for n in opts.num_envs:
         try:
             row = bench_size(script, env_cls, n, device, opts)
         except torch.OutOfMemoryError:
             print(f"{n:>7} | out of GPU memory: stopping here", flush=True)
             break
+        row["seconds_to_measure"] = time.time() - t_start  # with --compile: includes compiling
         rows.append(row)
         if len(rows) == 1:
             print("env steps per second (physics: the simulator alone; rollout: + policy, observations, rewards, "
@@ -182,7 +187,7 @@ def main():
     import mujoco_warp
     import warp
 
-    report = {"task": opts.task, "device": name, "cudagraphs": opts.cudagraphs and device.type == "cuda", "tf32": opts.tf32,
+    report = {"task": opts.task, "device": name, "cudagraphs": opts.cudagraphs and device.type == "cuda", "tf32": opts.tf32, "compile": opts.compile,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
               "versions": {"torch": torch.__version__, "warp": warp.__version__,
                            "mujoco_warp": getattr(mujoco_warp, "__version__", "?")},
