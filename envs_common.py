@@ -87,6 +87,20 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
+def rng_state() -> dict:
+    """The state of every generator seed_everything seeds, for a checkpoint that resumes exactly."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def load_model(path: str | os.PathLike) -> mujoco.MjModel:
     """Compile an MJCF file with MuJoCo's C compiler. A bare name is looked up in assets/."""
     path = Path(path)
@@ -99,6 +113,30 @@ def load_model(path: str | os.PathLike) -> mujoco.MjModel:
         return mujoco.MjModel.from_xml_path(str(path))
     except ValueError as e:  # MuJoCo's compiler error: say which file, keep its message
         raise UserError(f"could not load MJCF {path}: {e}") from None
+
+
+def check_memory(device: torch.device, num_envs: int, bytes_per_env: int) -> None:
+    """Refuse a number of environments that cannot fit in the device's free memory, before anything is allocated,
+    naming the largest power of two that fits. bytes_per_env is each script's measured estimate (simulation, rollout
+    and update together)."""
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"GPU memory on {device}"
+    else:
+        with open("/proc/meminfo") as f:
+            available = {line.split(":")[0]: line.split()[1] for line in f}.get("MemAvailable")
+        if available is None:  # not Linux: let the allocation itself tell
+            return
+        free, where = int(available) * 1024, "memory"
+    if num_envs * bytes_per_env > free:
+        largest = 2 ** max(0, int(np.log2(max(free / bytes_per_env, 1))))
+        raise UserError(f"--num-envs {num_envs} needs about {num_envs * bytes_per_env / 2**30:.1f} GiB but only "
+                        f"{free / 2**30:.1f} GiB of {where} is free: use --num-envs {largest} or fewer")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an exception from torch or Warp means that the device ran out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(s in str(error).lower() for s in ("out of memory", "failed to allocate")))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,6 +265,10 @@ class BatchedSim:
         self.overflow = wp.to_torch(d.overflow)
         self._time = wp.to_torch(d.time)
         # State that a reset must clear besides qpos/qvel: the solver's warm start, applied forces, actuator state.
+        # Everything a step reads from the previous one, for get_state()/set_state() (exact resume).
+        self._state = {name: wp.to_torch(getattr(d, name)) for name in
+                       ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "qacc", "time", "mocap_pos", "mocap_quat",
+                        "qfrc_applied", "xfrc_applied", "overflow") if getattr(d, name).size > 0}
         self._zero_on_reset = [wp.to_torch(a) for a in (d.qacc_warmstart, d.qacc, d.qfrc_applied, d.xfrc_applied,
                                                         d.act) if a.size > 0]
         self._graph = None
@@ -309,6 +351,23 @@ class BatchedSim:
     @staticmethod
     def _scatter_rows(ids, rows, like):
         return like.clone().index_copy_(0, ids, rows.to(like.dtype))
+
+    def nonfinite(self) -> torch.Tensor:
+        """(N,) bool: worlds whose state holds a NaN or an infinity (a blown-up simulation), on the device."""
+        return ~(torch.isfinite(self.qpos).all(dim=1) & torch.isfinite(self.qvel).all(dim=1))
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        """A copy of everything the next step depends on (positions, velocities, controls, actuator states, the
+        solver's warm start, time, mocap poses, applied forces): set_state() of it continues bit for bit."""
+        return {name: t.clone() for name, t in self._state.items()}
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, t in self._state.items():
+            if state[name].shape != t.shape:
+                raise UserError(f"saved simulation state {name} has shape {tuple(state[name].shape)}, this "
+                                f"simulation {tuple(t.shape)}: different number of environments or model")
+            t.copy_(state[name])
+        self._kinematics()
 
     def overflowed(self) -> torch.Tensor:
         """(N,) bool: worlds whose contact or constraint buffers overflowed since their last reset."""
@@ -445,6 +504,12 @@ class Renderer:
             ) from None
         self._data = mujoco.MjData(sim.mjm)
 
+    @staticmethod
+    def check_available() -> None:
+        """Raise the UserError of __init__ now if no backend can render: --capture-video checks this at start-up,
+        before a run spends an hour training and then fails at its first video."""
+        Renderer(_TinySim(), width=16, height=16).close()
+
     def render(self, env_id: int = 0) -> np.ndarray:
         s = self.sim
         self._data.qpos[:] = s.qpos[env_id].cpu().numpy()
@@ -457,6 +522,13 @@ class Renderer:
 
     def close(self):
         self._renderer.close()
+
+
+class _TinySim:
+    """The least a Renderer needs: a model (an empty world)."""
+
+    def __init__(self):
+        self.mjm = mujoco.MjModel.from_xml_string("<mujoco/>")
 
 
 def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: float) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -201,18 +201,40 @@ class Go1Env:
         self.actions, self.last_actions, self.last_dof_vel = z(12), z(12), z(12)
         self.commands = z(3)
         self.feet_air_time, self.last_contacts = z(4), z(4).bool()
+        self.broken = z().bool()  # worlds that blew up or overflowed this step
         self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
         self.reward_names = list(REWARD_SCALES)
         self.episode_sums = {name: z() for name in self.reward_names}
         self.episode_return = z()
         # Statistics of finished episodes and of tracking, summed on the device and read once per iteration.
         self.stats = {k: torch.zeros((), device=device) for k in
-                      ["episodes", "falls", "return", "length", "lin_err", "ang_err", "err_steps"]
+                      ["episodes", "falls", "return", "length", "lin_err", "ang_err", "err_steps", "nonfinite",
+                       "overflows"]
                       + [f"rew_{n}" for n in self.reward_names]}
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
         ranges = (args.lin_vel_x_range, args.lin_vel_y_range, args.ang_vel_yaw_range)
         self.command_lo = torch.tensor([r[0] for r in ranges], device=device)
         self.command_hi = torch.tensor([r[1] for r in ranges], device=device)
+
+    # Task state carried from one step to the next (with the simulator's state and the generator): a checkpoint
+    # that holds it resumes bit for bit.
+    STATE = ("actions", "last_actions", "last_dof_vel", "commands", "feet_air_time", "last_contacts",
+             "episode_length", "episode_return")
+
+    def state_dict(self) -> dict:
+        return {"sim": self.sim.get_state(), "generator": self.gen.get_state(),
+                "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
+                **{k: getattr(self, k).clone() for k in self.STATE}}
+
+    def load_state_dict(self, state: dict) -> torch.Tensor:
+        """Restore a state_dict() and return the observations it gives."""
+        self.sim.set_state(state["sim"])
+        self.gen.set_state(state["generator"])
+        for k, v in self.episode_sums.items():
+            v.copy_(state["episode_sums"][k])
+        for k in self.STATE:
+            getattr(self, k).copy_(state[k])
+        return self._observe()
 
     # ------------------------------------------------------------------------------------------------------------
     def _rand(self, *shape, lo=0.0, hi=1.0):
@@ -272,17 +294,24 @@ class Go1Env:
         self.sim.ctrl.copy_(self.default_dof_pos + self.args.action_scale * self.actions)  # PD targets
         self.sim.step()
         self.episode_length += 1
+        # A world that blew up (a NaN or an infinity in its state) or whose contact or constraint buffers overflowed
+        # is reset below; its last step counts for nothing: reward 0, no bootstrap, no statistics.
+        nonfinite, overflowed = self.sim.nonfinite(), self.sim.overflowed()
+        self.broken = nonfinite | overflowed
 
         # Contacts (Isaac Gym: net contact force tensor) and terminations.
         forces = self.sim.contact_force
         self.foot_contact = forces[:, self.feet, 2] > 1.0
         self.leg_contact = forces[:, self.leg_links].norm(dim=-1) > 0.1
         fell = (forces[:, self.trunk].norm(dim=-1) > 1.0) | (self.projected_gravity[:, 2] > -0.5)  # > 60 deg tilt
-        truncated = (self.episode_length >= self.max_episode_length) & ~fell
+        fell &= ~self.broken
+        truncated = (self.episode_length >= self.max_episode_length) & ~fell & ~self.broken
         self.terminated = fell
 
         reward = self._compute_reward()
         self._accumulate_stats(reward, fell, truncated)
+        self.stats["nonfinite"] += nonfinite.sum()
+        self.stats["overflows"] += overflowed.sum()
 
         # Commands are resampled mid-episode, so a policy learns to change gait on the fly.
         resample = (self.episode_length % self.resample_steps == 0)
@@ -290,17 +319,16 @@ class Go1Env:
         self.last_actions.copy_(self.actions)
         self.last_dof_vel.copy_(self.dof_vel)
 
-        final_obs = self._observe()
-        done = fell | truncated
-        obs = self.reset(done)
-        return obs, reward, fell, truncated, final_obs
+        final_obs = torch.where(self.broken[:, None], 0.0, self._observe())  # NaN * 0 is NaN: select, never multiply
+        obs = self.reset(fell | truncated | self.broken)
+        return obs, reward, fell | self.broken, truncated, final_obs
 
     def _compute_reward(self) -> torch.Tensor:
         total = torch.zeros(self.num_envs, device=self.device)
         for name in self.reward_names:
             if name == "termination":
                 continue
-            term = getattr(self, f"_reward_{name}")() * REWARD_SCALES[name] * self.dt
+            term = torch.where(self.broken, 0.0, getattr(self, f"_reward_{name}")() * REWARD_SCALES[name] * self.dt)
             self.episode_sums[name] += term
             total += term
         if self.args.only_positive_rewards:  # a Python bool: no device sync
@@ -310,19 +338,19 @@ class Go1Env:
         return total + term
 
     def _accumulate_stats(self, reward, fell, truncated):
-        st, done = self.stats, fell | truncated
+        st, done, ok = self.stats, fell | truncated, ~self.broken
         self.episode_return += reward
         st["episodes"] += done.sum()
         st["falls"] += fell.sum()
         st["return"] += (self.episode_return * done).sum()
         st["length"] += (self.episode_length * done).sum()
-        st["lin_err"] += (self.commands[:, :2] - self.base_lin_vel[:, :2]).norm(dim=1).sum()
-        st["ang_err"] += (self.commands[:, 2] - self.root_ang_vel_b[:, 2]).abs().sum()
-        st["err_steps"] += self.num_envs
+        st["lin_err"] += torch.where(ok, (self.commands[:, :2] - self.base_lin_vel[:, :2]).norm(dim=1), 0.0).sum()
+        st["ang_err"] += torch.where(ok, (self.commands[:, 2] - self.root_ang_vel_b[:, 2]).abs(), 0.0).sum()
+        st["err_steps"] += ok.sum()
         for name in self.reward_names:
             st[f"rew_{name}"] += (self.episode_sums[name] * done).sum()
-            self.episode_sums[name].masked_fill_(done, 0.0)
-        self.episode_return.masked_fill_(done, 0.0)
+            self.episode_sums[name].masked_fill_(done | self.broken, 0.0)
+        self.episode_return.masked_fill_(done | self.broken, 0.0)
 
     def pop_stats(self) -> dict[str, float]:
         """Means since the last call (one host sync). Episode means are over the episodes that ended."""
@@ -330,7 +358,8 @@ class Go1Env:
         for t in self.stats.values():
             t.zero_()
         episodes, steps = max(values["episodes"], 1.0), max(values["err_steps"], 1.0)
-        out = {"lin_vel_error": values["lin_err"] / steps, "yaw_rate_error": values["ang_err"] / steps}
+        out = {"lin_vel_error": values["lin_err"] / steps, "yaw_rate_error": values["ang_err"] / steps,
+               "nonfinite_resets": values["nonfinite"], "overflows": values["overflows"]}
         if values["episodes"] > 0:
             out.update(episodes=values["episodes"], fall_rate=values["falls"] / episodes,
                        episodic_return=values["return"] / episodes,
@@ -620,11 +649,16 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomic: write a temporary file, then rename over the target, so a kill never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: str, device: torch.device) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"--checkpoint {path} is a directory: give a file in it, e.g. {Path(path) / 'latest.pt'}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (look in runs/<run>/checkpoints/)")
     try:
@@ -738,6 +772,34 @@ def check_args(args: Args) -> None:
                         f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs")
 
 
+# GPU memory per environment at the default sizes (simulation, rollout storage, update activations): the slope of the
+# memory in use against --num-envs in tests/benchmark_throughput.py on an H100, 0.17 MB at 24 steps, rounded up.
+BYTES_PER_ENV_STEP = 8 * 1024
+
+
+def fault_note(stats: dict) -> str:
+    """The iteration line's mention of simulation faults, only when there were any."""
+    n, o = int(stats["nonfinite_resets"]), int(stats["overflows"])
+    return f" | reset {n} blown-up, {o} overflowed" if n or o else ""
+
+
+def check_wandb_login() -> None:
+    """--track with no credentials would stop at wandb's interactive prompt or fail after start-up: say it now."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc().authenticators(host):  # where `wandb login` keeps the key
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UserError("--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
+                    "offline with WANDB_MODE=offline (then `wandb sync` later)")
+
+
 def main(args: Args) -> None:
     check_args(args)
     device = ec.resolve_device(args.device)
@@ -747,6 +809,11 @@ def main(args: Args) -> None:
     args.num_envs = args.num_envs or (4096 if device.type == "cuda" else 32)
     args.num_iterations = args.num_iterations or (500 if device.type == "cuda" else 5)
     check_args(args)
+    ec.check_memory(device, args.num_envs, args.num_steps * BYTES_PER_ENV_STEP)
+    if args.capture_video:
+        ec.Renderer.check_available()
+    if args.track and not (args.eval or args.export):
+        check_wandb_login()
     ec.seed_everything(args.seed, args.torch_deterministic)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     ckpt = load_checkpoint(args.checkpoint, device) if args.checkpoint else None
@@ -763,6 +830,9 @@ def main(args: Args) -> None:
         normalizer.load_state_dict(ckpt["normalizer"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
+        if start_iteration > args.num_iterations and not (args.eval or args.export):
+            raise UserError(f"{args.checkpoint} is at iteration {ckpt['iteration']} already: pass a larger "
+                            f"--num-iterations to train on")
 
     if args.export:
         for path in export_policy(agent, normalizer, args.checkpoint):
@@ -779,6 +849,26 @@ def main(args: Args) -> None:
             print(f"wrote {out.with_name('eval.mp4')}")
         return
 
+    # Everything that may fail on bad input or memory comes before anything is written.
+    env = Go1Env(args.num_envs, device, args)
+    T, N = args.num_steps, args.num_envs
+    # Rollout storage, preallocated on the device, and the rollout step (one CUDA graph on a GPU, --cudagraphs).
+    storage = RolloutStorage.allocate(T, N, Go1Env.num_obs, Go1Env.num_actions, device)
+    if ckpt is not None and "env" in ckpt and ckpt["args"]["num_envs"] == N:
+        storage.next_obs.copy_(env.load_state_dict(ckpt["env"]))  # exactly where the checkpoint stopped
+        ec.set_rng_state(ckpt["rng"])
+    else:
+        if ckpt is not None:
+            print(f"note: {args.checkpoint} was saved with {ckpt['args']['num_envs']} environments: the "
+                  "environments start afresh", flush=True)
+        storage.next_obs.copy_(env.reset())
+        env.desynchronize()
+    rollout_step = make_rollout_step(env, agent, normalizer, storage, args)
+    if args.compile:
+        rollout_step = torch.compile(rollout_step)
+    run_rollout_step = ec.cuda_graphed(rollout_step, device, [env.gen]) if args.cudagraphs else rollout_step
+    ppo_update = make_ppo_update(agent, optimizer, storage, args)
+
     # A resumed run keeps writing into its own directory.
     if ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints":
         run_dir = run_dir_of(args.checkpoint)
@@ -792,23 +882,24 @@ def main(args: Args) -> None:
             raise UserError("--track needs wandb: pip install wandb") from None
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir), flush_secs=10)  # a killed run loses at most 10 s of curves
+    # flush_secs: a killed run loses at most 10 s of curves; purge_step: a resumed run drops what the killed one
+    # logged after its checkpoint, so that no curve doubles back.
+    writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=global_step + 1 if ckpt is not None else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    env = Go1Env(args.num_envs, device, args)
     print(f"{run_name}: {args.num_envs} environments on {device}, {args.num_iterations} iterations of "
           f"{args.num_steps} steps", flush=True)
 
-    # Rollout storage, preallocated on the device, and the rollout step (one CUDA graph on a GPU, --cudagraphs).
-    T, N = args.num_steps, args.num_envs
-    storage = RolloutStorage.allocate(T, N, Go1Env.num_obs, Go1Env.num_actions, device)
-    storage.next_obs.copy_(env.reset())
-    env.desynchronize()
-    rollout_step = make_rollout_step(env, agent, normalizer, storage, args)
-    if args.compile:
-        rollout_step = torch.compile(rollout_step)
-    run_rollout_step = ec.cuda_graphed(rollout_step, device, [env.gen]) if args.cudagraphs else rollout_step
-    ppo_update = make_ppo_update(agent, optimizer, storage, args)
+    # Ctrl-C or SIGTERM (a pre-empted job): finish the iteration, write a checkpoint, close the logs, exit.
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
 
     start_time = PROCESS_START
     print(f"start-up took {time.time() - start_time:.1f} s", flush=True)
@@ -843,6 +934,7 @@ def main(args: Args) -> None:
             "perf/rollout_time": t_rollout, "perf/update_time": t_update,
             "perf/wall_time": time.time() - start_time,
             "metrics/lin_vel_error": stats["lin_vel_error"], "metrics/yaw_rate_error": stats["yaw_rate_error"],
+            "charts/nonfinite_resets": stats["nonfinite_resets"], "charts/overflows": stats["overflows"],
         }
         if "episodes" in stats:
             scalars.update({"charts/episodic_return": stats["episodic_return"],
@@ -854,25 +946,33 @@ def main(args: Args) -> None:
         print(f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
               f"return {stats.get('episodic_return', float('nan')):7.2f} | v err {stats['lin_vel_error']:.3f} m/s | "
               f"yaw err {stats['yaw_rate_error']:.3f} rad/s | falls {stats.get('fall_rate', float('nan')):.3f} | "
-              f"{time.time() - start_time:6.1f} s", flush=True)
+              f"{time.time() - start_time:6.1f} s" + fault_note(stats), flush=True)
 
         last = iteration == args.num_iterations
-        if args.eval_interval and (iteration % args.eval_interval == 0 or last):
+        if stop["signal"] is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
             ev = evaluate(agent, normalizer, device, args, min(args.eval_envs, args.num_envs))
             for k, v in ev.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             writer.add_scalar("eval/wall_time", time.time() - start_time, global_step)
             print(f"  eval: v err {ev['lin_vel_error']:.3f} m/s | yaw err {ev['yaw_rate_error']:.3f} rad/s | "
                   f"falls {ev['fall_rate']:.3f} | training wall time {time.time() - start_time:.1f} s", flush=True)
-        if iteration % args.save_interval == 0 or last:
+        if iteration % args.save_interval == 0 or last or stop["signal"] is not None:
+            # Everything needed to go on exactly as if never stopped: the environments and every generator included.
             payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
                        "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
                        "normalizer": normalizer.state_dict(), "args": dataclasses.asdict(args),
                        "obs_dim": Go1Env.num_obs, "act_dim": Go1Env.num_actions,
-                       "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                               "torch": torch.get_rng_state()}}
+                       "env": env.state_dict(), "rng": ec.rng_state()}
             save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
             save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
+        if stop["signal"] is not None:
+            writer.close()
+            if args.track:
+                wandb.finish()
+            latest = run_dir / "checkpoints" / "latest.pt"
+            print(f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint {latest}",
+                  flush=True)
+            sys.exit(128 + stop["signal"])
         if args.capture_video and (iteration % args.video_interval == 0 or last):
             video = run_dir / "videos" / f"iter_{iteration:06d}.mp4"
             video.parent.mkdir(parents=True, exist_ok=True)
@@ -887,8 +987,15 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
+    args = tyro.cli(Args)
     try:
-        main(tyro.cli(Args))
+        main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - only running out of memory is translated; anything else is a bug
+        if not ec.out_of_memory(e):
+            raise
+        print(f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a smaller "
+              "--num-envs, e.g. half", file=sys.stderr)
         sys.exit(2)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from envs_common import UserError
 SCRIPT = Path(__file__).stem
 PROCESS_START = time.time()  # wall-clock figures count from here: start-up (imports, kernel loading) included
 ASSET = "panda.xml"
-ControlType = Literal["torque", "position", "position_delta"]
+CONTROL_TYPES = ("torque", "position", "position_delta")
 
 
 @dataclass
@@ -121,8 +121,8 @@ class Args:
     """normalized observations are clipped to [-obs_clip, obs_clip]"""
 
     # Task
-    control_type: ControlType = "position_delta"
-    """torque: action x torque limit; position: action mapped into the joint range; position_delta: target += action x
+    control_type: str = "position_delta"
+    """torque, position or position_delta. torque: action x torque limit; position: action mapped into the joint range; position_delta: target += action x
     max_delta (with --checkpoint, the checkpoint's control type is used)"""
     max_delta: float = 0.05
     """position_delta: largest change of a joint target per policy step (rad; 0.05 at 50 Hz is 2.5 rad/s)"""
@@ -253,6 +253,7 @@ class ReachEnv:
         self.actions, self.last_actions = z(7), z(7)
         self.target = s.mocap_pos[:, self.target_mocap]  # a view: the renderer draws each env's target sphere
         self.reached = z().bool()
+        self.broken = z().bool()  # worlds that blew up or overflowed this step
         self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
         self.target_time = torch.zeros(num_envs, dtype=torch.long, device=device)
         self.reward_names = list(REWARD_SCALES)
@@ -261,8 +262,27 @@ class ReachEnv:
         # Statistics summed on the device and read once per iteration (pop_stats).
         self.stats = {k: torch.zeros((), device=device) for k in
                       ["episodes", "return", "length", "reached", "missed", "final_dist", "reach_time", "dist",
-                       "dist_steps"] + [f"rew_{n}" for n in self.reward_names]}
+                       "dist_steps", "nonfinite", "overflows"] + [f"rew_{n}" for n in self.reward_names]}
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    # Task state carried from one step to the next (with the simulator's state, which holds the targets as mocap
+    # bodies, and the generator): a checkpoint that holds it resumes bit for bit.
+    STATE = ("actions", "last_actions", "episode_length", "target_time", "episode_return")
+
+    def state_dict(self) -> dict:
+        return {"sim": self.sim.get_state(), "generator": self.gen.get_state(),
+                "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
+                **{k: getattr(self, k).clone() for k in self.STATE}}
+
+    def load_state_dict(self, state: dict) -> torch.Tensor:
+        """Restore a state_dict() and return the observations it gives."""
+        self.sim.set_state(state["sim"])
+        self.gen.set_state(state["generator"])
+        for k, v in self.episode_sums.items():
+            v.copy_(state["episode_sums"][k])
+        for k in self.STATE:
+            getattr(self, k).copy_(state[k])
+        return self._observe()
 
     # ------------------------------------------------------------------------------------------------------------
     def _rand(self, *shape, lo=0.0, hi=1.0):
@@ -317,26 +337,31 @@ class ReachEnv:
         self.sim.step()
         self.episode_length += 1
         self.target_time += 1
+        # A world that blew up (a NaN or an infinity in its state) or whose constraint buffers overflowed is reset
+        # below; its last step counts for nothing: reward 0, no bootstrap (it ends as "terminated"), no statistics.
+        nonfinite, overflowed = self.sim.nonfinite(), self.sim.overflowed()
+        self.broken = nonfinite | overflowed
 
-        self.distance = (self.target - self.ee_pos).norm(dim=-1)
-        self.reached = self.distance < self.args.success_threshold
-        missed = (self.target_time >= self.target_steps) & ~self.reached
-        truncated = self.episode_length >= self.max_episode_length
-        terminated = torch.zeros_like(truncated)
+        self.distance = torch.where(self.broken, 1.0, (self.target - self.ee_pos).norm(dim=-1))
+        self.reached = (self.distance < self.args.success_threshold) & ~self.broken
+        missed = (self.target_time >= self.target_steps) & ~self.reached & ~self.broken
+        truncated = (self.episode_length >= self.max_episode_length) & ~self.broken
 
         reward = self._compute_reward()
         self._accumulate_stats(reward, missed, truncated)
+        self.stats["nonfinite"] += nonfinite.sum()
+        self.stats["overflows"] += overflowed.sum()
         self._sample_targets(self.reached | missed)  # a new target, same episode
         self.last_actions.copy_(self.actions)
 
-        final_obs = self._observe()
-        obs = self.reset(truncated)
-        return obs, reward, terminated, truncated, final_obs
+        final_obs = torch.where(self.broken[:, None], 0.0, self._observe())  # NaN * 0 is NaN: select, never multiply
+        obs = self.reset(truncated | self.broken)
+        return obs, reward, self.broken.clone(), truncated, final_obs
 
     def _compute_reward(self) -> torch.Tensor:
         total = torch.zeros(self.num_envs, device=self.device)
         for name in self.reward_names:
-            term = getattr(self, f"_reward_{name}")() * REWARD_SCALES[name]
+            term = torch.where(self.broken, 0.0, getattr(self, f"_reward_{name}")() * REWARD_SCALES[name])
             self.episode_sums[name] += term
             total += term
         return total
@@ -351,12 +376,12 @@ class ReachEnv:
         st["missed"] += missed.sum()
         st["final_dist"] += (self.distance * ended).sum()
         st["reach_time"] += (self.target_time * self.reached).sum()
-        st["dist"] += self.distance.sum()
-        st["dist_steps"] += self.num_envs
+        st["dist"] += (self.distance * ~self.broken).sum()
+        st["dist_steps"] += (~self.broken).sum()
         for name in self.reward_names:
             st[f"rew_{name}"] += (self.episode_sums[name] * done).sum()
-            self.episode_sums[name].masked_fill_(done, 0.0)
-        self.episode_return.masked_fill_(done, 0.0)
+            self.episode_sums[name].masked_fill_(done | self.broken, 0.0)
+        self.episode_return.masked_fill_(done | self.broken, 0.0)
 
     def pop_stats(self) -> dict[str, float]:
         """Means since the last call (one host sync). Target metrics are over the targets that ended (reached or
@@ -365,7 +390,8 @@ class ReachEnv:
         for t in self.stats.values():
             t.zero_()
         targets = values["reached"] + values["missed"]
-        out = {"mean_distance": values["dist"] / max(values["dist_steps"], 1.0), "targets": targets}
+        out = {"mean_distance": values["dist"] / max(values["dist_steps"], 1.0), "targets": targets,
+               "nonfinite_resets": values["nonfinite"], "overflows": values["overflows"]}
         if targets > 0:
             out.update(success_rate=values["reached"] / targets, final_distance=values["final_dist"] / targets)
         if values["reached"] > 0:
@@ -625,11 +651,16 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomic: write a temporary file, then rename over the target, so a kill never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: str, device: torch.device) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f"--checkpoint {path} is a directory: give a file in it, e.g. {Path(path) / 'latest.pt'}")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path} (look in runs/<run>/checkpoints/)")
     try:
@@ -747,7 +778,7 @@ def check_args(args: Args) -> None:
     for name in ("max_delta", "episode_length_s", "target_timeout_s", "success_threshold"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.control_type not in ("torque", "position", "position_delta"):
+    if args.control_type not in CONTROL_TYPES:
         raise UserError(f"unknown --control-type {args.control_type!r}: use torque, position or position_delta")
     if (args.eval or args.export) and not args.checkpoint:
         raise UserError(f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint "
@@ -755,6 +786,34 @@ def check_args(args: Args) -> None:
     if args.num_envs is not None and (args.num_envs * args.num_steps) % args.num_minibatches:
         raise UserError(f"the batch of num_envs * num_steps = {args.num_envs * args.num_steps} does not split into "
                         f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs")
+
+
+# GPU memory per environment at the default sizes (simulation, rollout storage, update activations): the slope of the
+# memory in use against --num-envs in tests/benchmark_throughput.py on an H100, 0.08 MB at 24 steps, rounded up.
+BYTES_PER_ENV_STEP = 4 * 1024
+
+
+def fault_note(stats: dict) -> str:
+    """The iteration line's mention of simulation faults, only when there were any."""
+    n, o = int(stats["nonfinite_resets"]), int(stats["overflows"])
+    return f" | reset {n} blown-up, {o} overflowed" if n or o else ""
+
+
+def check_wandb_login() -> None:
+    """--track with no credentials would stop at wandb's interactive prompt or fail after start-up: say it now."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc().authenticators(host):  # where `wandb login` keeps the key
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UserError("--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
+                    "offline with WANDB_MODE=offline (then `wandb sync` later)")
 
 
 def main(args: Args) -> None:
@@ -768,6 +827,11 @@ def main(args: Args) -> None:
     args.num_envs = args.num_envs or (4096 if device.type == "cuda" else cpu_envs)
     args.num_iterations = args.num_iterations or (300 if device.type == "cuda" else cpu_iterations)
     check_args(args)
+    ec.check_memory(device, args.num_envs, args.num_steps * BYTES_PER_ENV_STEP)
+    if args.capture_video:
+        ec.Renderer.check_available()
+    if args.track and not (args.eval or args.export):
+        check_wandb_login()
     ec.seed_everything(args.seed, args.torch_deterministic)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     ckpt = load_checkpoint(args.checkpoint, device) if args.checkpoint else None
@@ -808,6 +872,16 @@ def main(args: Args) -> None:
             print(f"wrote {out.with_name('eval.mp4')}")
         return
 
+    # Everything that may fail on bad input or memory comes before anything is written.
+    env = ReachEnv(args.num_envs, device, args)
+    T, N = args.num_steps, args.num_envs
+    # Rollout storage, preallocated on the device, and the rollout step (one CUDA graph on a GPU, --cudagraphs).
+    storage = RolloutStorage.allocate(T, N, ReachEnv.num_obs, ReachEnv.num_actions, device)
+    resume_env = ckpt is not None and "env" in ckpt and ckpt["args"]["num_envs"] == N
+    if ckpt is not None and not resume_env:
+        print(f"note: {args.checkpoint} was saved with {ckpt['args']['num_envs']} environments: the "
+              "environments start afresh", flush=True)
+
     # A resumed run keeps writing into its own directory.
     if ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints":
         run_dir = run_dir_of(args.checkpoint)
@@ -821,16 +895,25 @@ def main(args: Args) -> None:
             raise UserError("--track needs wandb: pip install wandb") from None
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(str(run_dir), flush_secs=10)  # a killed run loses at most 10 s of curves
+    # flush_secs: a killed run loses at most 10 s of curves; purge_step: a resumed run drops what the killed one
+    # logged after its checkpoint, so that no curve doubles back.
+    writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=global_step + 1 if ckpt is not None else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    env = ReachEnv(args.num_envs, device, args)
     print(f"{run_name}: {args.num_envs} environments on {device}, {args.control_type} control, "
           f"{args.num_iterations} iterations of {args.num_steps} steps", flush=True)
 
-    # Rollout storage, preallocated on the device, and the rollout step (one CUDA graph on a GPU, --cudagraphs).
-    T, N = args.num_steps, args.num_envs
-    storage = RolloutStorage.allocate(T, N, ReachEnv.num_obs, ReachEnv.num_actions, device)
+    # Ctrl-C or SIGTERM (a pre-empted job): finish the iteration, write a checkpoint, close the logs, exit.
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
     summary = {"control_type": args.control_type, "num_envs": N}
 
     t_outside = 0.0  # seconds spent in evaluations and videos, left out of the training wall time
@@ -852,8 +935,12 @@ def main(args: Args) -> None:
     print(f"start-up took {time.time() - start_time:.1f} s", flush=True)
     if args.eval_interval and start_iteration == 1:
         summary["initial_eval"] = run_eval("untrained")  # the baseline every learning curve starts from
-    storage.next_obs.copy_(env.reset())
-    env.desynchronize()
+    if resume_env:  # exactly where the checkpoint stopped (after the evaluation above, which draws no numbers)
+        storage.next_obs.copy_(env.load_state_dict(ckpt["env"]))
+        ec.set_rng_state(ckpt["rng"])
+    else:
+        storage.next_obs.copy_(env.reset())
+        env.desynchronize()
     rollout_step = make_rollout_step(env, agent, normalizer, storage, args)
     if args.compile:
         rollout_step = torch.compile(rollout_step)
@@ -890,6 +977,7 @@ def main(args: Args) -> None:
                                                    "clipfrac", "explained_variance")},
             "perf/rollout_time": t_rollout, "perf/update_time": t_update, "perf/wall_time": wall,
             "metrics/mean_distance": stats["mean_distance"],
+            "charts/nonfinite_resets": stats["nonfinite_resets"], "charts/overflows": stats["overflows"],
         }
         for key in ("success_rate", "final_distance", "time_to_reach"):
             if key in stats:
@@ -906,21 +994,28 @@ def main(args: Args) -> None:
         print(f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
               f"return {shown['episodic_return']:8.2f} | success {shown['success_rate']:.3f} | "
               f"final dist {shown['final_distance']:.4f} m | reach {shown['time_to_reach']:.2f} s | "
-              f"{wall:6.1f} s", flush=True)
+              f"{wall:6.1f} s" + fault_note(stats), flush=True)
 
         last = iteration == args.num_iterations
-        if args.eval_interval and (iteration % args.eval_interval == 0 or last):
+        if stop["signal"] is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
             summary["final_eval"] = run_eval(f"iteration {iteration}")
-        if iteration % args.save_interval == 0 or last:
+        if iteration % args.save_interval == 0 or last or stop["signal"] is not None:
+            # Everything needed to go on exactly as if never stopped: the environments and every generator included.
             payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
                        "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
                        "normalizer": normalizer.state_dict(), "args": dataclasses.asdict(args),
                        "obs_dim": ReachEnv.num_obs, "act_dim": ReachEnv.num_actions,
-                       "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                               "torch": torch.get_rng_state(),
-                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+                       "env": env.state_dict(), "rng": ec.rng_state()}
             save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
             save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
+        if stop["signal"] is not None:
+            writer.close()
+            if args.track:
+                wandb.finish()
+            latest = run_dir / "checkpoints" / "latest.pt"
+            print(f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint {latest}",
+                  flush=True)
+            sys.exit(128 + stop["signal"])
         if args.capture_video and (iteration % args.video_interval == 0 or last):
             video = run_dir / "videos" / f"iter_{iteration:06d}.mp4"
             video.parent.mkdir(parents=True, exist_ok=True)
@@ -942,8 +1037,15 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
+    args = tyro.cli(Args)
     try:
-        main(tyro.cli(Args))
+        main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - only running out of memory is translated; anything else is a bug
+        if not ec.out_of_memory(e):
+            raise
+        print(f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a smaller "
+              "--num-envs, e.g. half", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,188 @@
+"""Faults and interruptions, in both scripts: blown-up worlds are reset and counted while the healthy ones go on
+untouched; a resumed run repeats a straight one bit for bit; SIGTERM mid-rollout and SIGKILL mid-checkpoint-write
+leave a checkpoint that resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ppo_isaac_locomotion
+import ppo_isaac_reach
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
+        "--eval-interval", "0", "--episode-length-s", "1.0"]
+SCRIPTS = {"locomotion": (ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env),
+           "reach": (ppo_isaac_reach, ppo_isaac_reach.ReachEnv)}
+
+
+def run(script, args, cwd, **kw):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, check=False, **kw)
+
+
+def start(script, args, cwd):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blown-up worlds
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_nonfinite_worlds_are_reset_counted_and_the_others_untouched(name):
+    script, env_cls = SCRIPTS[name]
+    args = script.Args(num_envs=6, device="cpu", seed=2)
+    healthy_ref, faulty = env_cls(6, torch.device("cpu"), args), env_cls(6, torch.device("cpu"), args)
+    for env in (healthy_ref, faulty):
+        env.reset()
+    bad = torch.tensor([1, 4])
+    good = torch.tensor([0, 2, 3, 5])
+    actions = torch.linspace(-0.5, 0.5, 6 * env_cls.num_actions).reshape(6, -1)
+    for t in range(6):
+        if t == 2:
+            faulty.sim.qvel[bad] = float("nan")  # through the zero-copy view: the simulator's own state
+        out_ref, out = healthy_ref.step(actions), faulty.step(actions)
+        obs, reward, terminated, truncated, final_obs = out
+        for x in (obs, reward, final_obs):
+            assert torch.isfinite(x).all(), f"step {t}: a non-finite value left the environment"
+        for a, b in zip(out_ref, out):  # the healthy worlds: bit for bit the same as with no fault at all
+            assert torch.equal(a[good], b[good]), f"step {t}: a healthy world changed"
+        assert torch.equal(faulty.sim.qpos[good], healthy_ref.sim.qpos[good])
+        if t == 2:
+            assert terminated[bad].all() and (reward[bad] == 0).all() and (faulty.episode_length[bad] == 0).all()
+            assert torch.isfinite(faulty.sim.qpos).all() and torch.isfinite(faulty.sim.qvel).all()
+    stats = faulty.pop_stats()
+    assert stats["nonfinite_resets"] == 2 and stats["overflows"] == 0
+    assert healthy_ref.pop_stats()["nonfinite_resets"] == 0
+    assert all(np.isfinite(v) for v in stats.values())
+
+
+def test_training_goes_on_through_injected_nans(tmp_path, monkeypatch):
+    """The real training loop (main) with NaNs written into two worlds' velocities on two rollout steps: losses stay
+    finite, the resets are counted in TensorBoard, and the weights stay finite."""
+    script, env_cls = SCRIPTS["locomotion"]
+    monkeypatch.chdir(tmp_path)
+    real_step, calls = env_cls.step, {"n": 0}
+
+    def step_with_faults(self, actions):
+        calls["n"] += 1
+        if calls["n"] in (3, 11):
+            self.sim.qvel[:2] = float("nan")
+        return real_step(self, actions)
+
+    monkeypatch.setattr(env_cls, "step", step_with_faults)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        script.main(script.Args(device="cpu", num_envs=8, num_steps=8, num_iterations=3, num_minibatches=2,
+                                update_epochs=2, eval_interval=0, episode_length_s=0.3))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    acc = EventAccumulator(str(run_dir)).Reload()
+    scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert sum(scalars["charts/nonfinite_resets"]) == 4  # two worlds, twice
+    for tag in ("losses/value_loss", "losses/policy_loss", "losses/approx_kl", "charts/episodic_return"):
+        assert np.isfinite(scalars[tag]).all(), tag
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert torch.isfinite(ckpt["normalizer"]["mean"]).all() and torch.isfinite(ckpt["normalizer"]["var"]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume, SIGTERM, SIGKILL
+# ---------------------------------------------------------------------------------------------------------------
+def same_training_state(a: dict, b: dict) -> None:
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in ("mean", "var", "count"):
+        assert torch.equal(a["normalizer"][k], b["normalizer"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        for k in s:
+            assert torch.equal(s[k], b["optimizer"]["state"][i][k]), (i, k)
+    assert torch.equal(a["env"]["sim"]["qpos"], b["env"]["sim"]["qpos"])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resumed_run_repeats_the_straight_one_exactly(tmp_path, name):
+    out = run(name, [*TINY, "--num-iterations", "4", "--save-interval", "2"], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    straight = torch.load(run_dir / "checkpoints" / "ckpt_000004.pt", weights_only=False)
+    out = run(name, [*TINY, "--num-iterations", "4", "--checkpoint", str(run_dir / "checkpoints" / "ckpt_000002.pt")],
+              tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "iter     3/4" in out.stdout and "iter     2/4" not in out.stdout
+    resumed = torch.load(run_dir / "checkpoints" / "ckpt_000004.pt", weights_only=False)
+    same_training_state(straight, resumed)
+
+
+def wait_for_line(proc, text, timeout=300):
+    t0 = time.time()
+    lines = []
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"no line with {text!r}:\n" + "".join(lines))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sigterm_mid_rollout_saves_a_checkpoint_that_resumes(tmp_path, name):
+    proc = start(name, [*TINY, "--num-iterations", "1000", "--save-interval", "1000"], tmp_path)
+    wait_for_line(proc, "iter     2/1000")
+    time.sleep(0.3)  # most of an iteration is its rollout
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert "SIGTERM: finishing this iteration" in rest and "resume with" in rest
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
+    done = ckpt["iteration"]
+    assert done >= 2 and f"stopped after iteration {done}" in rest
+    out = run(name, [*TINY, "--num-iterations", str(done + 1), "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")],
+              tmp_path)
+    assert out.returncode == 0 and f"iter {done + 1:5d}/{done + 1}" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sigkill_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path, name):
+    """Kill -9 at the moment a checkpoint is being written (its temporary file exists), a few times over: the
+    checkpoint on disk is always a whole one, and training resumes from it."""
+    caught = 0
+    for attempt in range(6):
+        cwd = tmp_path / str(attempt)
+        cwd.mkdir()
+        proc = start(name, [*TINY, "--num-iterations", "1000", "--save-interval", "1"], cwd)
+        wait_for_line(proc, "iter     2/1000")  # latest.pt exists from iteration 1 on
+        (ckpt_dir,) = [d / "checkpoints" for d in (cwd / "runs").iterdir()]
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(ckpt_dir.glob("*.tmp")):
+            pass
+        proc.send_signal(signal.SIGKILL)
+        during_write = any(ckpt_dir.glob("*.tmp"))
+        proc.communicate(timeout=60)
+        caught += during_write
+        ckpt = torch.load(ckpt_dir / "latest.pt", weights_only=False)  # whole, whatever the moment of the kill
+        assert ckpt["iteration"] >= 1
+        if during_write:
+            break
+    assert caught, "never killed during a checkpoint write"
+    done = ckpt["iteration"]
+    out = run(name, [*TINY, "--num-iterations", str(done + 1), "--checkpoint", str(ckpt_dir / "latest.pt")], cwd)
+    assert out.returncode == 0 and f"iter {done + 1:5d}/{done + 1}" in out.stdout, out.stdout + out.stderr
