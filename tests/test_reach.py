@@ -94,18 +94,6 @@ def test_end_to_end_other_control_types(tmp_path, control_type):
         assert 0.0 <= ev["success_rate"] <= 1.0 and math.isfinite(ev["mean_distance"])
 
 
-def test_bad_input_is_rejected_before_anything_is_written(tmp_path):
-    out = run(["--device", "cpu", "--control-type", "velocity"], tmp_path)
-    assert out.returncode == 2 and "control" in out.stderr
-    out = run(["--device", "cpu", "--eval"], tmp_path)
-    assert out.returncode == 2 and "--checkpoint" in out.stderr
-    out = run(["--device", "cpu", "--num-envs", "3", "--num-minibatches", "5"], tmp_path)
-    assert out.returncode == 2 and "minibatches" in out.stderr
-    out = run(["--device", "cpu", "--eval", "--checkpoint", str(tmp_path / "missing.pt")], tmp_path)
-    assert out.returncode == 2 and "not found" in out.stderr
-    assert not (tmp_path / "runs").exists()
-
-
 def test_resume_continues_at_the_saved_iteration(trained_run):
     cwd, run_dir, _ = trained_run
     saved = torch.load(run_dir / "checkpoints" / "ckpt_000002.pt", weights_only=False)
