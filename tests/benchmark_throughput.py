@@ -126,7 +126,6 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
         row["peak_torch_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["warp_gib"] = ec.wp.get_mempool_used_mem_high(ec.wp.get_device(str(device))) / 2**30
         row["device_used_gib"] = (total - free) / 2**30
-    del env, agent, optimizer, storage, run_rollout_step, rollout_step
     return row
 
 
