@@ -6,7 +6,9 @@ The whole pipeline stays on the device, as in Isaac Gym (here on MuJoCo Warp):
   policy (torch) -> joint position targets written into the simulator's ctrl tensor (zero-copy)
   -> 4 physics sub-steps at 200 Hz replayed from one CUDA graph -> qpos/qvel/contact-force views refreshed in place
   -> observations, rewards, terminations and per-environment resets computed in torch -> rollout buffer -> PPO update.
-Nothing is copied to the host inside the rollout loop; statistics are read once per iteration.
+Nothing is copied to the host inside the rollout loop; statistics are read once per iteration. On a GPU, that
+whole rollout step (policy, physics, observations, rewards, resets, storage) is recorded once as a CUDA graph and
+replayed, and so is each minibatch step of the update (--no-cudagraphs runs the same code eagerly).
 
 Read top to bottom: Args, the environment (Go1Env, its reward terms), the observation normalizer, ActorCritic,
 then PPO (rollout, GAE, update) with logging, checkpoints, evaluation, export and video.

@@ -7,7 +7,9 @@ The whole pipeline stays on the device, as in Isaac Gym (here on MuJoCo Warp):
   policy (torch) -> ActionHandler: joint torques, joint targets, or target increments, written into the ctrl tensor
   -> 4 physics sub-steps at 200 Hz replayed from one CUDA graph -> qpos/qvel/site views refreshed in place
   -> observations, rewards, target resampling and per-environment resets computed in torch -> rollout buffer -> PPO.
-Nothing is copied to the host inside the rollout loop; statistics are read once per iteration.
+Nothing is copied to the host inside the rollout loop; statistics are read once per iteration. On a GPU, that
+whole rollout step (policy, physics, observations, rewards, resets, storage) is recorded once as a CUDA graph and
+replayed, and so is each minibatch step of the update (--no-cudagraphs runs the same code eagerly).
 
 Read top to bottom: Args, the environment (ActionHandler, ReachEnv and its reward terms), the observation normalizer,
 ActorCritic, then PPO (rollout, GAE, update) with logging, checkpoints, evaluation, export and video.

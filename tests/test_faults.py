@@ -142,15 +142,15 @@ def wait_for_line(proc, text, timeout=300):
     raise AssertionError(f"no line with {text!r}:\n" + "".join(lines))
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_sigterm_mid_rollout_saves_a_checkpoint_that_resumes(tmp_path, name):
+@pytest.mark.parametrize("name,sig", [("locomotion", signal.SIGTERM), ("reach", signal.SIGINT)])
+def test_sigterm_or_ctrl_c_mid_rollout_saves_a_checkpoint_that_resumes(tmp_path, name, sig):
     proc = start(name, [*TINY, "--num-iterations", "1000", "--save-interval", "1000"], tmp_path)
     wait_for_line(proc, "iter     2/1000")
     time.sleep(0.3)  # most of an iteration is its rollout
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     rest = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, rest
-    assert "SIGTERM: finishing this iteration" in rest and "resume with" in rest
+    assert proc.returncode == 128 + sig, rest
+    assert f"{sig.name}: finishing this iteration" in rest and "resume with" in rest
     (run_dir,) = (tmp_path / "runs").iterdir()
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
     done = ckpt["iteration"]
