@@ -204,6 +204,9 @@ class Go1Env:
         self.commands = z(3)
         self.feet_air_time, self.last_contacts = z(4), z(4).bool()
         self.broken = z().bool()  # worlds that blew up or overflowed this step
+        # Base-frame quantities that observations, rewards and terminations share: computed once after each physics
+        # step and each reset (legged_gym's post_physics_step), not again by every term that reads them.
+        self.base_lin_vel, self.projected_gravity = z(3), z(3)
         self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
         self.reward_names = list(REWARD_SCALES)
         self.episode_sums = {name: z() for name in self.reward_names}
@@ -236,6 +239,7 @@ class Go1Env:
             v.copy_(state["episode_sums"][k])
         for k in self.STATE:
             getattr(self, k).copy_(state[k])
+        self._refresh_base_state()
         return self._observe()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -264,6 +268,7 @@ class Go1Env:
         self.last_contacts.masked_fill_(m, False)
         self.episode_length.masked_fill_(mask, 0)
         self._sample_commands(mask)
+        self._refresh_base_state()
         return self._observe()
 
     def desynchronize(self) -> None:
@@ -276,13 +281,9 @@ class Go1Env:
             self.base_lin_vel, self.root_ang_vel_b, self.projected_gravity, self.commands,
             self.dof_pos - self.default_dof_pos, self.dof_vel, self.actions], dim=-1)
 
-    @property
-    def base_lin_vel(self):
-        return ec.quat_rotate_inverse(self.root_quat, self.root_lin_vel_w)
-
-    @property
-    def projected_gravity(self):
-        return ec.projected_gravity(self.root_quat)
+    def _refresh_base_state(self) -> None:
+        self.base_lin_vel.copy_(ec.quat_rotate_inverse(self.root_quat, self.root_lin_vel_w))
+        self.projected_gravity.copy_(ec.projected_gravity(self.root_quat))
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self, actions: torch.Tensor):
@@ -295,6 +296,7 @@ class Go1Env:
         self.actions.copy_(actions.clamp(-100.0, 100.0))  # legged_gym's clip_actions
         self.sim.ctrl.copy_(self.default_dof_pos + self.args.action_scale * self.actions)  # PD targets
         self.sim.step()
+        self._refresh_base_state()
         self.episode_length += 1
         # A world that blew up (a NaN or an infinity in its state) or whose contact or constraint buffers overflowed
         # is reset below; its last step counts for nothing: reward 0, no bootstrap, no statistics.
@@ -847,8 +849,9 @@ def main(args: Args) -> None:
         out = run_dir_of(args.checkpoint) / "eval.json"
         out.write_text(json.dumps({"checkpoint": args.checkpoint, **metrics}, indent=2))
         if args.capture_video:
-            record_video(agent, normalizer, device, args, out.with_name("eval.mp4"))
-            print(f"wrote {out.with_name('eval.mp4')}")
+            video = out.with_name("eval_video.mp4")  # its frame log, eval_video.json, leaves eval.json alone
+            record_video(agent, normalizer, device, args, video)
+            print(f"wrote {video}")
         return
 
     # Everything that may fail on bad input or memory comes before anything is written.

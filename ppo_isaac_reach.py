@@ -870,8 +870,9 @@ def main(args: Args) -> None:
                                                   **metrics}), indent=2))
         print(f"wrote {out}")
         if args.capture_video:
-            record_video(agent, normalizer, device, args, out.with_name("eval.mp4"))
-            print(f"wrote {out.with_name('eval.mp4')}")
+            video = out.with_name("eval_video.mp4")  # its frame log, eval_video.json, leaves eval.json alone
+            record_video(agent, normalizer, device, args, video)
+            print(f"wrote {video}")
         return
 
     # Everything that may fail on bad input or memory comes before anything is written.

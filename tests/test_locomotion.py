@@ -85,10 +85,11 @@ def test_resume_continues_at_the_saved_iteration(trained_run):
 
 def test_eval_prints_the_task_metrics(trained_run):
     cwd, run_dir, _ = trained_run
-    out = run(["--device", "cpu", "--num-envs", "4", "--episode-length-s", "0.5", "--eval",
-               "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
+    out = run(["--device", "cpu", "--num-envs", "4", "--episode-length-s", "0.5", "--eval", "--capture-video",
+               "--video-length", "3", "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
-    metrics = json.loads((run_dir / "eval.json").read_text())
+    assert (run_dir / "eval_video.mp4").stat().st_size > 1000 and (run_dir / "eval_video.json").exists()
+    metrics = json.loads((run_dir / "eval.json").read_text())  # the metrics, not overwritten by the video's log
     for key in ("lin_vel_error", "yaw_rate_error", "fall_rate", "episode_length_s"):
         assert key in out.stdout and math.isfinite(metrics[key])
     assert 0.0 <= metrics["fall_rate"] <= 1.0 and metrics["episodes"] >= 4
@@ -128,6 +129,7 @@ def _set_base(env, quat=(1.0, 0, 0, 0), lin_vel_w=(0, 0, 0), ang_vel_b=(0, 0, 0)
     env.sim.qvel[:, 3:6] = torch.tensor(ang_vel_b)
     if height is not None:
         env.sim.qpos[:, 2] = height
+    env._refresh_base_state()  # as the environment does after every physics step
 
 
 def test_reward_tracking_terms(env):
