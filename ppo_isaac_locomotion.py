@@ -72,7 +72,8 @@ class Args:
     """write the policy of --checkpoint, observation normalizer folded in, as TorchScript and ONNX"""
     tf32: bool = True
     """on a GPU, let float32 matrix products use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation):
-    several times faster MLPs, and PPO's noisy gradients do not need the last bits (--no-tf32: full float32)"""
+    a faster update (measured in the README's Performance section), and PPO's noisy gradients do not need the last
+    bits (--no-tf32: full float32)"""
     compile: bool = False
     """torch.compile the rollout step and the minibatch losses: fuses their many small kernels into a few, at the
     cost of compiling them at start-up (cached afterwards)"""
@@ -777,7 +778,7 @@ def check_args(args: Args) -> None:
 
 
 # GPU memory per environment at the default sizes (simulation, rollout storage, update activations): the slope of the
-# memory in use against --num-envs in tests/benchmark_throughput.py on an H100, 0.17 MB at 24 steps, rounded up.
+# memory in use against --num-envs in tests/benchmark_throughput.py on an H100, 0.16 MB at 24 steps, rounded up.
 BYTES_PER_ENV_STEP = 8 * 1024
 
 

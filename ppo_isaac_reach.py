@@ -76,7 +76,8 @@ class Args:
 
     tf32: bool = True
     """on a GPU, let float32 matrix products use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation):
-    several times faster MLPs, and PPO's noisy gradients do not need the last bits (--no-tf32: full float32)"""
+    a faster update (measured in the README's Performance section), and PPO's noisy gradients do not need the last
+    bits (--no-tf32: full float32)"""
     compile: bool = False
     """torch.compile the rollout step and the minibatch losses: fuses their many small kernels into a few, at the
     cost of compiling them at start-up (cached afterwards)"""
