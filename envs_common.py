@@ -14,6 +14,7 @@ Conventions, stated once:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
 import random
@@ -91,6 +92,15 @@ def rng_state() -> dict:
     """The state of every generator seed_everything seeds, for a checkpoint that resumes exactly."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+@contextlib.contextmanager
+def separate_rng(seed: int, device: torch.device):
+    """Run a block (an evaluation, a video) on torch's generators seeded with `seed`, then put them back as they were:
+    the block draws the same random numbers every time, and training's random stream goes on untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def set_rng_state(state: dict) -> None:
@@ -229,7 +239,7 @@ class BatchedSim:
     | contact_force | (N, nbody, 3)   | net external (contact) force on each body, world | net contact force tensor       |
     | overflow   | (N,) int32         | MuJoCo Warp's overflow bits, sticky until reset  | -                              |
 
-    `contact_force` is filled only with `contact_forces=True` (it costs an extra pass after the solver).
+    `contact_force` is filled only with `contact_forces=True` (an extra pass after the solver's last sub-step).
     Body poses are refreshed after the last sub-step of every `step()`, so they match `qpos` (MuJoCo's own
     mj_step leaves them one sub-step behind).
     """
@@ -253,7 +263,7 @@ class BatchedSim:
             self.m = mjw.put_model(mjm)
             self.d = mjw.make_data(mjm, nworld=self.num_envs, nconmax=self.nconmax, njmax=self.njmax)
         self.m.opt.warn_overflow = 0  # overflows are counted per world on the device instead of printed
-        self.m.opt.run_rne_postconstraint = contact_forces
+        self.contact_forces = contact_forces
 
         d = self.d
         self.qpos, self.qvel, self.ctrl = wp.to_torch(d.qpos), wp.to_torch(d.qvel), wp.to_torch(d.ctrl)
@@ -285,7 +295,9 @@ class BatchedSim:
 
     # --------------------------------------------------------------------------------------------------------
     def _substeps(self):
-        for _ in range(self.decimation):
+        for i in range(self.decimation):
+            # Contact forces are read once per policy step, after its last sub-step: compute them only there.
+            self.m.opt.run_rne_postconstraint = self.contact_forces and i == self.decimation - 1
             mjw.step(self.m, self.d)
         mjw.kinematics(self.m, self.d)  # body poses of the new qpos (Isaac Gym: refresh_rigid_body_state_tensor)
 
@@ -389,14 +401,14 @@ class BatchedSim:
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA graphs of whole steps: torch ops and MuJoCo Warp kernels recorded together, replayed with one launch
 # ----------------------------------------------------------------------------------------------------------------
-def cuda_graphed(fn, device: torch.device, generators=()):
+def cuda_graphed(fn, device: torch.device):
     """`fn` (no arguments, no result) as a callable that, on a GPU, runs eagerly on its first call (kernels load,
     lazily created state such as gradients and optimizer moments appears), is recorded as one CUDA graph on its
     second and replayed from then on. On the CPU it is `fn` itself.
 
     Inside a graph every tensor keeps its address and nothing runs on the host, so `fn` must read and write its
-    state in place, never branch on tensor values, and never copy to the host. Custom torch generators that `fn`
-    draws from go in `generators` (the default one is handled by torch)."""
+    state in place, never branch on tensor values, and never copy to the host. Random numbers come from torch's
+    default generator, which a graph advances at each replay."""
     if device.type != "cuda":
         return fn
     graph, calls = None, 0
@@ -407,16 +419,14 @@ def cuda_graphed(fn, device: torch.device, generators=()):
         if calls == 1:
             return fn()
         if graph is None:
-            graph = _capture(fn, device, generators)
+            graph = _capture(fn, device)
         graph.replay()
 
     return run
 
 
-def _capture(fn, device: torch.device, generators) -> torch.cuda.CUDAGraph:
+def _capture(fn, device: torch.device) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
-    for gen in generators:
-        graph.register_generator_state(gen)
     stream = wp.get_device(str(device)).stream  # the stream torch and Warp share (see _share_stream)
     with torch.cuda.graph(graph, stream=torch.cuda.current_stream(device), capture_error_mode="thread_local"):
         # Tell Warp that a capture is on, so that MuJoCo Warp's launches are recorded into this graph.

@@ -5,10 +5,13 @@
 For each size it measures, on one environment of the script itself (its own classes and functions are imported,
 so this measures what users run):
   1. physics: the simulator's recorded sub-steps replayed with the controls held, in environment steps per second
-     (physics steps / decimation): the limit that training can approach;
-  2. rollout: the script's rollout step (policy, physics, observations, rewards, resets, storage), as replayed in
-     training (a CUDA graph with --cudagraphs, the scripts' default);
-  3. training: full PPO iterations, rollout + GAE + update: the SPS that the scripts print;
+     (physics steps / decimation): the limit that training can approach. Measured twice: from the start (robots
+     standing at their home pose) and in the states that training visits (the simulator as the timed iterations
+     left it, put back before each repetition), which costs more: robots that fall or flail touch the ground with
+     more than their feet and need more solver iterations. The second is the reference of the ratios;
+  2. rollout: the script's rollout step (policy, physics, observations, rewards, resets, storage) as training runs
+     it (torch.compile'd and replayed from a CUDA graph: the scripts' defaults on a GPU), and GAE;
+  3. training: full PPO iterations, rollout + update: the SPS that the scripts print;
 and prints a table with the ratios rollout/physics and training/physics, the time of each phase per iteration and
 the peak GPU memory, and writes the same as JSON. On the CPU (tiny sizes) it shows the pipeline, not speed.
 """
@@ -51,7 +54,8 @@ def timed(fn, repeats: int, device) -> float:
 
 def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     args = script.Args(num_envs=num_envs, num_iterations=opts.iterations, device=str(device), seed=opts.seed,
-                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, compile=opts.compile, **dict(opts.script_args))
+                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, compile=opts.compile and device.type == "cuda",
+                       **dict(opts.script_args))
     script.check_args(args)
     ec.seed_everything(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # as the scripts' main()
@@ -60,65 +64,88 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     env = env_cls(num_envs, device, args)
     T = args.num_steps
 
-    # 1. Physics only: the environment's own simulator, its controls held.
-    physics_s = timed(env.sim.step, opts.physics_steps, device)  # one call = one environment step
+    # Physics only at the start: every robot at its home pose, its controls held (cheap: few contacts, a solver
+    # that converges in an iteration or two).
+    physics_start_s = timed(env.sim.step, opts.physics_steps, device)  # one call = one environment step
 
-    # 2. The rollout step as training runs it.
+    # The script's own pieces, as its main() builds them.
     agent = script.ActorCritic(env_cls.num_obs, env_cls.num_actions, args.init_noise_std).to(device)
     normalizer = script.ObservationNormalizer(env_cls.num_obs, clip=args.obs_clip).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
                                  fused=device.type == "cuda", capturable=device.type == "cuda" and args.cudagraphs)
     storage = script.RolloutStorage.allocate(T, num_envs, env_cls.num_obs, env_cls.num_actions, device)
     storage.next_obs.copy_(env.reset())
+    env.desynchronize()
     rollout_step = script.make_rollout_step(env, agent, normalizer, storage, args)
-    if args.compile:
-        rollout_step = torch.compile(rollout_step)
-    run_rollout_step = ec.cuda_graphed(rollout_step, device, [env.gen]) if args.cudagraphs else rollout_step
+    run_rollout_step = ec.cuda_graphed(rollout_step, device) if args.cudagraphs else rollout_step
     ppo_update = script.make_ppo_update(agent, optimizer, storage, args)
 
     def rollout():
         storage.step.zero_()
         for _ in range(T):
             run_rollout_step()
-
-    rollout_s = timed(rollout, opts.iterations, device) / T
-
-    # 3. Full PPO iterations, with the same phase timings as the scripts' own loop.
-    def update():
         with torch.no_grad():
             next_value = agent.get_value(normalizer(storage.next_obs))
-            advantages, returns = script.compute_gae(storage.rewards, storage.values, storage.dones, next_value,
-                                                     args.gamma, args.gae_lambda)
+            return script.compute_gae(storage.rewards, storage.values, storage.dones, next_value, args.gamma,
+                                      args.gae_lambda)
+
+    def update(advantages, returns):
         losses = ppo_update(advantages, returns)
         torch.stack(list(losses.values())).tolist()  # the loop's one host sync per iteration
 
+    # Full PPO iterations, timed per phase as the scripts' loop does. The first two compile (with --compile),
+    # record the CUDA graphs and load kernels; the fastest of the others is the least disturbed.
     rollout_times, update_times = [], []
-    for i in range(opts.iterations + 1):
+    for i in range(opts.iterations + 2):
         t0 = time.perf_counter()
-        rollout()
+        advantages, returns = rollout()
         sync(device)
         t1 = time.perf_counter()
-        update()
+        update(advantages, returns)
         t2 = time.perf_counter()
-        if i > 0:  # the first one loads the update's kernels
-            rollout_times.append(t1 - t0)
-            update_times.append(t2 - t1)
-    rollout_iter, update_iter = min(rollout_times), min(update_times)  # the least disturbed iteration
+        rollout_times.append(t1 - t0)
+        update_times.append(t2 - t1)
+    first_iterations_s = sum(rollout_times[:2]) + sum(update_times[:2])
+    rollout_iter, update_iter = min(rollout_times[2:]), min(update_times[2:])
+
+    # Physics only in the states that training visits: the simulator as the last iteration left it, its controls held,
+    # T steps, then put back, so that every repetition replays the same states. Fallen and flailing robots touch the
+    # ground with more than their feet and need more solver iterations: this costs more than the standing start,
+    # and it is the limit that the rollout can approach.
+    snapshot = env.sim.get_state()
+    elapsed = 0.0
+    repeats = max(1, opts.physics_steps // T)
+    for repetition in range(repeats + 1):  # the first one is a warm-up
+        env.sim.set_state(snapshot)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(T):
+            env.sim.step()
+        sync(device)
+        elapsed += (time.perf_counter() - t) * (repetition > 0)
+    physics_s = elapsed / (repeats * T)
+
+    if opts.profile and device.type == "cuda":
+        env.sim.set_state(snapshot)
+        profile_phases({"physics (training states, controls held)": lambda: [env.sim.step() for _ in range(T)],
+                        "rollout": rollout, "update": lambda: update(*rollout())}, num_envs)
     stats = env.pop_stats()
     assert all(torch.isfinite(p).all() for p in agent.parameters()), "training produced non-finite weights"
 
     physics = num_envs / physics_s
-    train = num_envs * T / (rollout_iter + update_iter)
+    rollout_sps, train = num_envs * T / rollout_iter, num_envs * T / (rollout_iter + update_iter)
     row = {
         "num_envs": num_envs,
         "physics_env_steps_per_s": physics,
         "physics_steps_per_s": physics * env.sim.decimation,
-        "rollout_env_steps_per_s": num_envs / rollout_s,
+        "physics_start_env_steps_per_s": num_envs / physics_start_s,
+        "rollout_env_steps_per_s": rollout_sps,
         "training_env_steps_per_s": train,
-        "rollout_over_physics": num_envs / rollout_s / physics,
+        "rollout_over_physics": rollout_sps / physics,
         "training_over_physics": train / physics,
         "rollout_ms_per_iteration": 1e3 * rollout_iter,
         "update_ms_per_iteration": 1e3 * update_iter,
+        "first_two_iterations_s": first_iterations_s,
         "episodes_seen": stats.get("episodes", 0.0),
     }
     if device.type == "cuda":
@@ -127,6 +154,37 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
         row["warp_gib"] = ec.wp.get_mempool_used_mem_high(ec.wp.get_device(str(device))) / 2**30
         row["device_used_gib"] = (total - free) / 2**30
     return row
+
+
+def profile_phases(phases: dict, num_envs: int) -> None:
+    """Where the GPU time goes: every kernel of one call of each phase (torch.profiler sees the kernels inside CUDA
+    graph replays too), MuJoCo Warp's apart from torch's, with the busiest kernels of each phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, fn in phases.items():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        groups = {"warp": [], "torch": []}
+        for e in kernels:
+            groups["warp" if "_cuda_kernel_" in e.name else "torch"].append(e)
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        print(f"\nprofile, {num_envs} envs, {name}: {len(kernels)} kernels, {busy:.1f} ms of kernel time in "
+              f"{wall * 1e3:.1f} ms (profiled, so slower than timed)")
+        for group, events in groups.items():
+            total = sum(e.time_range.elapsed_us() for e in events) / 1e3
+            by_name = {}
+            for e in events:
+                n, t_us = by_name.get(e.name, (0, 0.0))
+                by_name[e.name] = (n + 1, t_us + e.time_range.elapsed_us())
+            print(f"  {group}: {len(events)} kernels, {total:.2f} ms, "
+                  f"{1e3 * total / max(len(events), 1):.1f} us each on average")
+            for k, (n, t_us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]:
+                print(f"    {t_us / 1e3:7.2f} ms {n:6d}x  {k[:100]}")
 
 
 def main():
@@ -138,11 +196,14 @@ def main():
     parser.add_argument("--physics-steps", type=int, default=100, help="timed physics-only environment steps")
     parser.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
                         help="the plain eager path, to see what the CUDA graphs give")
-    parser.add_argument("--compile", action="store_true", help="the scripts' --compile (torch.compile)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="the scripts' --no-compile: no torch.compile (GPU only, as in the scripts)")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 matrix products")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--set", dest="script_args", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
                         help="another Args field of the script, e.g. --set num_steps 8 (ints and floats only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="on a GPU: also list each phase's kernels (MuJoCo Warp's and torch's) with their times")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     opts = parser.parse_args()
     opts.script_args = [(k, float(v) if "." in v else int(v)) for k, v in opts.script_args]
@@ -155,11 +216,13 @@ def main():
     except ec.UserError as e:
         sys.exit(f"error: {e}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and device.type == 'cuda'}, tf32={opts.tf32}, "
-          f"{opts.iterations} timed iterations per size", flush=True)
+    on_gpu = device.type == "cuda"
+    print(f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and on_gpu}, "
+          f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, {opts.iterations} timed iterations per size", flush=True)
 
-    header = (f"{'envs':>7} | {'physics':>9} | {'rollout':>9} | {'training':>9} | {'roll/phys':>9} | "
-              f"{'train/phys':>10} | {'rollout ms':>10} | {'update ms':>9} | {'GPU GiB':>7}")
+    header = (f"{'envs':>7} | {'phys@start':>10} | {'physics':>9} | {'rollout':>9} | {'training':>9} | "
+              f"{'roll/phys':>9} | {'train/phys':>10} | {'rollout ms':>10} | {'update ms':>9} | {'2 first s':>9} | "
+              f"{'GPU GiB':>7}")
     rows = []
     t_start = time.time()
     for n in opts.num_envs:
@@ -168,17 +231,20 @@ def main():
         except torch.OutOfMemoryError:
             print(f"{n:>7} | out of GPU memory: stopping here", flush=True)
             break
-        row["seconds_to_measure"] = time.time() - t_start  # with --compile: includes compiling
+        row["seconds_to_measure"] = time.time() - t_start  # includes compiling, where it compiles
         rows.append(row)
         if len(rows) == 1:
-            print("env steps per second (physics: the simulator alone; rollout: + policy, observations, rewards, "
-                  "resets; training: + PPO update)")
+            print("environment steps per second. phys@start: the simulator alone, every robot standing at its home "
+                  "pose; physics: the simulator alone in the states training visits (the reference of the ratios); "
+                  "rollout: + policy, observations, rewards, resets, storage, GAE; training: + PPO update. "
+                  "2 first s: the first two iterations (compiling, recording the graphs)")
             print(header)
         gib = row.get("device_used_gib", float("nan"))
-        print(f"{n:>7} | {row['physics_env_steps_per_s']:>9,.0f} | {row['rollout_env_steps_per_s']:>9,.0f} | "
-              f"{row['training_env_steps_per_s']:>9,.0f} | {row['rollout_over_physics']:>9.2f} | "
-              f"{row['training_over_physics']:>10.2f} | {row['rollout_ms_per_iteration']:>10.1f} | "
-              f"{row['update_ms_per_iteration']:>9.1f} | {gib:>7.1f}", flush=True)
+        print(f"{n:>7} | {row['physics_start_env_steps_per_s']:>10,.0f} | {row['physics_env_steps_per_s']:>9,.0f} | "
+              f"{row['rollout_env_steps_per_s']:>9,.0f} | {row['training_env_steps_per_s']:>9,.0f} | "
+              f"{row['rollout_over_physics']:>9.2f} | {row['training_over_physics']:>10.2f} | "
+              f"{row['rollout_ms_per_iteration']:>10.1f} | {row['update_ms_per_iteration']:>9.1f} | "
+              f"{row['first_two_iterations_s']:>9.1f} | {gib:>7.1f}", flush=True)
         sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -186,7 +252,8 @@ def main():
     import mujoco_warp
     import warp
 
-    report = {"task": opts.task, "device": name, "cudagraphs": opts.cudagraphs and device.type == "cuda", "tf32": opts.tf32, "compile": opts.compile,
+    report = {"task": opts.task, "device": name, "cudagraphs": opts.cudagraphs and on_gpu, "tf32": opts.tf32,
+              "compile": opts.compile and on_gpu,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
               "versions": {"torch": torch.__version__, "warp": warp.__version__,
                            "mujoco_warp": getattr(mujoco_warp, "__version__", "?")},

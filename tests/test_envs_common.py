@@ -138,6 +138,31 @@ def test_home_pose_is_stable(model, n):
         assert sim.qvel.abs().max() < 0.01
 
 
+def test_contact_forces_match_mujoco_c():
+    """The net contact force on each body after one policy step of 4 sub-steps (computed once, after the last one)
+    against MuJoCo's C engine: four mj_step, then mj_rnePostConstraint."""
+    mjm = ec.load_model(ASSETS["go1"])
+    n = 4
+    sim = ec.BatchedSim(mjm, n, DEVICE, decimation=4, contact_forces=True)
+    for _ in range(25):  # 0.5 s: settle onto the feet
+        sim.step()
+    sim.ctrl.add_(0.3 * torch.randn(n, mjm.nu, generator=torch.Generator().manual_seed(1)).to(DEVICE))
+    warmstart = sim.get_state()["qacc_warmstart"].double().cpu().numpy()
+    refs = [_c_data_from_world(mjm, sim, i) for i in range(n)]
+    sim.step()
+    weight = float(mjm.body_subtreemass[1] * 9.81)
+    largest = 0.0
+    for i, data in enumerate(refs):
+        data.qacc_warmstart[:] = warmstart[i]
+        for _ in range(sim.decimation):
+            mujoco.mj_step(mjm, data)
+        mujoco.mj_rnePostConstraint(mjm, data)
+        got, want = sim.contact_force[i].double().cpu().numpy(), data.cfrc_ext[:, 3:6]
+        assert np.abs(got - want).max() < 0.01 * weight, f"world {i}: contact forces differ from mj_rnePostConstraint"
+        largest = max(largest, np.abs(want).max())
+    assert largest > 0.3 * weight, "no world touched the ground: the test compared zeros"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Contact buffers: sized from the model, overflow detected per world instead of contacts dropped silently
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,29 +41,36 @@ def start(script, args, cwd):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_nonfinite_worlds_are_reset_counted_and_the_others_untouched(name):
     script, env_cls = SCRIPTS[name]
-    args = script.Args(num_envs=6, device="cpu", seed=2)
-    healthy_ref, faulty = env_cls(6, torch.device("cpu"), args), env_cls(6, torch.device("cpu"), args)
-    for env in (healthy_ref, faulty):
-        env.reset()
     bad = torch.tensor([1, 4])
     good = torch.tensor([0, 2, 3, 5])
     actions = torch.linspace(-0.5, 0.5, 6 * env_cls.num_actions).reshape(6, -1)
-    for t in range(6):
-        if t == 2:
-            faulty.sim.qvel[bad] = float("nan")  # through the zero-copy view: the simulator's own state
-        out_ref, out = healthy_ref.step(actions), faulty.step(actions)
+
+    def run_steps(fault: bool):
+        """Six steps from the same seed, NaNs written into two worlds' velocities before step 2 if `fault`."""
+        torch.manual_seed(2)  # the environments draw from torch's global generator: both runs draw the same numbers
+        env = env_cls(6, torch.device("cpu"), script.Args(num_envs=6, device="cpu", seed=2))
+        env.reset()
+        steps = []
+        for t in range(6):
+            if fault and t == 2:
+                env.sim.qvel[bad] = float("nan")  # through the zero-copy view: the simulator's own state
+            out = [x.clone() for x in env.step(actions)]
+            steps.append((out, env.sim.qpos.clone(), env.sim.qvel.clone(), env.episode_length.clone()))
+        return steps, env.pop_stats()
+
+    (healthy, healthy_stats), (faulty, stats) = run_steps(fault=False), run_steps(fault=True)
+    for t, ((out_ref, qpos_ref, _, _), (out, qpos, qvel, episode_length)) in enumerate(zip(healthy, faulty)):
         obs, reward, terminated, truncated, final_obs = out
         for x in (obs, reward, final_obs):
             assert torch.isfinite(x).all(), f"step {t}: a non-finite value left the environment"
         for a, b in zip(out_ref, out):  # the healthy worlds: bit for bit the same as with no fault at all
             assert torch.equal(a[good], b[good]), f"step {t}: a healthy world changed"
-        assert torch.equal(faulty.sim.qpos[good], healthy_ref.sim.qpos[good])
+        assert torch.equal(qpos[good], qpos_ref[good])
         if t == 2:
-            assert terminated[bad].all() and (reward[bad] == 0).all() and (faulty.episode_length[bad] == 0).all()
-            assert torch.isfinite(faulty.sim.qpos).all() and torch.isfinite(faulty.sim.qvel).all()
-    stats = faulty.pop_stats()
+            assert terminated[bad].all() and (reward[bad] == 0).all() and (episode_length[bad] == 0).all()
+            assert torch.isfinite(qpos).all() and torch.isfinite(qvel).all()
     assert stats["nonfinite_resets"] == 2 and stats["overflows"] == 0
-    assert healthy_ref.pop_stats()["nonfinite_resets"] == 0
+    assert healthy_stats["nonfinite_resets"] == 0
     assert all(np.isfinite(v) for v in stats.values())
 
 

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "ppo_isaac_reach.py"
 TINY = ["--device", "cpu", "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
-        "--eval-interval", "0", "--episode-length-s", "0.5"]
+        "--eval-interval", "0", "--episode-length-s", "0.2"]
 
 
 def load_script():

@@ -2,11 +2,13 @@
 
 Plain: the textbook loop, env.step() called from Python and its outputs collected in lists.
 Fast: what training runs, the script's make_rollout_step() writing in place into the preallocated RolloutStorage
-at a device-side row index, and on a GPU (TEST_DEVICE=cuda) recorded once as a CUDA graph and replayed.
-Same seed, same policy: the observations, actions, log-probabilities, values, rewards and dones must agree.
+at a device-side row index, eager or torch.compile'd, and on a GPU (TEST_DEVICE=cuda) recorded once as a CUDA graph
+and replayed. Same seed, same policy: the observations, actions, log-probabilities, values, rewards and dones must
+agree. The same for the update: compiled (and graphed on a GPU) against plain eager torch.
 Also: the throughput benchmark runs on the CPU with tiny sizes and prints its table.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,10 +28,25 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [(ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env), (ppo_isaac_reach, ppo_isaac_reach.ReachEnv)]
 
 
-def make(script, env_cls, num_envs=8, **overrides):
+# torch.compile keeps torch's random draws in program order from torch 2.12 on (pytorch/pytorch#181136); before, the
+# compiled step draws the same numbers in another order. There the environments of the comparison below get numbers
+# from no generator at all, so that the rest of the compiled step is still checked against the plain one.
+COMPILED_RNG_IN_ORDER = torch.__version__ >= (2, 12)
+
+
+def generator_free_rand(*shape, lo=0.0, hi=1.0):
+    """Uniform-looking numbers in [lo, hi) from the golden-ratio sequence: a pure function of the shape."""
+    n = int(np.prod(shape))
+    u = (torch.arange(1, n + 1, device=DEVICE, dtype=torch.float64) * 0.6180339887498949) % 1.0
+    return lo + (hi - lo) * u.float().reshape(shape)
+
+
+def make(script, env_cls, num_envs=8, generator_free=False, **overrides):
     args = script.Args(num_envs=num_envs, num_steps=6, device=str(DEVICE), seed=3, **overrides)
     ec.seed_everything(args.seed)
     env = env_cls(num_envs, DEVICE, args)
+    if generator_free:
+        env._rand = generator_free_rand
     torch.manual_seed(7)
     agent = script.ActorCritic(env_cls.num_obs, env_cls.num_actions, args.init_noise_std).to(DEVICE)
     normalizer = script.ObservationNormalizer(env_cls.num_obs, clip=args.obs_clip).to(DEVICE)
@@ -38,11 +55,14 @@ def make(script, env_cls, num_envs=8, **overrides):
     return args, env, agent, normalizer, first_obs
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("script,env_cls", CASES, ids=lambda x: getattr(x, "__name__", ""))
-def test_fast_rollout_matches_the_plain_loop(script, env_cls):
+def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
     # Episodes of a few steps, so that time-outs, resets and their bootstrapped rewards happen inside the rollout.
     short = {"episode_length_s": 0.1}
     T, iterations = 6, 3
+
+    short["generator_free"] = compile and not COMPILED_RNG_IN_ORDER
 
     # Plain loop.
     args, env, agent, normalizer, next_obs = make(script, env_cls, **short)
@@ -60,12 +80,15 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls):
     plain = {k: torch.stack(v) for k, v in plain.items()}
     assert plain["dones"].any(), "no episode ended: the test would not exercise resets"
 
-    # Fast path, as training runs it.
-    args, env, agent, normalizer, first_obs = make(script, env_cls, **short)
+    # Fast path, as training runs it. torch.compile draws the same random numbers but fuses arithmetic, which rounds
+    # differently: float32 agreement to about 1e-6, which the normalizer multiplies by up to 1/std for observations
+    # that hardly vary (the gravity direction's z of robots that stand: 1e-4 seen on an H100).
+    tol = 1e-3 if compile else 1e-5
+    args, env, agent, normalizer, first_obs = make(script, env_cls, compile=compile, **short)
     torch.manual_seed(11)
     storage = script.RolloutStorage.allocate(T, env.num_envs, env_cls.num_obs, env_cls.num_actions, DEVICE)
     storage.next_obs.copy_(first_obs)
-    step = ec.cuda_graphed(script.make_rollout_step(env, agent, normalizer, storage, args), DEVICE, [env.gen])
+    step = ec.cuda_graphed(script.make_rollout_step(env, agent, normalizer, storage, args), DEVICE)
     for it in range(iterations):
         storage.step.zero_()
         for _ in range(T):
@@ -76,8 +99,9 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls):
             if k == "dones":
                 assert torch.equal(got, want), f"iteration {it}: dones differ"
             else:
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"iteration {it}: {k} differ")
-    torch.testing.assert_close(storage.next_obs, next_obs, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol,
+                                           msg=lambda m, it=it, k=k: f"iteration {it}, {k}: {m}")
+    torch.testing.assert_close(storage.next_obs, next_obs, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("task", ["locomotion", "reach"])
@@ -100,20 +124,19 @@ def test_benchmark_prints_its_table_on_the_cpu(tmp_path, task):
         assert row["rollout_ms_per_iteration"] > 0 and row["update_ms_per_iteration"] > 0
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason="the CUDA graph of the update exists only on a GPU (TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("script,env_cls", CASES, ids=lambda x: getattr(x, "__name__", ""))
-def test_graphed_update_matches_the_eager_one(script, env_cls):
-    """Same rollout, same minibatch order: the update recorded as a CUDA graph leaves the same weights, Adam moments
-    and learning rate as the eager one."""
+def test_fast_update_matches_the_plain_one(script, env_cls):
+    """Same rollout, same minibatch order: the update as training runs it (its losses torch.compile'd and, on a GPU,
+    each minibatch step recorded as a CUDA graph) leaves the same weights and learning rate as plain eager torch."""
     results = []
-    for cudagraphs in (False, True):
-        args, env, agent, normalizer, first_obs = make(script, env_cls, cudagraphs=cudagraphs)
+    for fast in (False, True):
+        args, env, agent, normalizer, first_obs = make(script, env_cls, cudagraphs=fast, compile=fast)
         optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=DEVICE), eps=1e-5,
-                                     fused=True, capturable=cudagraphs)
+                                     fused=DEVICE.type == "cuda", capturable=fast and DEVICE.type == "cuda")
         storage = script.RolloutStorage.allocate(args.num_steps, env.num_envs, env_cls.num_obs, env_cls.num_actions,
                                                  DEVICE)
         storage.next_obs.copy_(first_obs)
-        step = script.make_rollout_step(env, agent, normalizer, storage, args)
+        step = script.make_rollout_step(env, agent, normalizer, storage, dataclasses.replace(args, compile=False))
         update = script.make_ppo_update(agent, optimizer, storage, args)
         torch.manual_seed(5)
         for _ in range(3):
@@ -126,22 +149,7 @@ def test_graphed_update_matches_the_eager_one(script, env_cls):
                                           args.gae_lambda)
             losses = update(adv, ret)
         results.append(([p.detach().clone() for p in agent.parameters()], losses["learning_rate"].item()))
-    (eager, lr_eager), (graphed, lr_graphed) = results
-    assert lr_eager == pytest.approx(lr_graphed)
-    for a, b in zip(eager, graphed):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_compile_runs_the_real_script(tmp_path):
-    """--compile (torch.compile of the rollout step and the minibatch losses) trains end to end with finite losses."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "ppo_isaac_reach.py"), "--compile", "--device", "cpu", "--num-envs", "8",
-         "--num-steps", "4", "--num-iterations", "2", "--num-minibatches", "2", "--update-epochs", "1",
-         "--eval-interval", "0"], capture_output=True, text=True, timeout=900, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "iter     2/2" in proc.stdout
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    acc = EventAccumulator(str(run_dir)).Reload()
-    values = [e.value for e in acc.Scalars("losses/value_loss")] + [e.value for e in acc.Scalars("losses/policy_loss")]
-    assert len(values) == 4 and all(np.isfinite(values))
+    (plain, lr_plain), (fast, lr_fast) = results
+    assert lr_plain == pytest.approx(lr_fast)
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
