@@ -202,12 +202,24 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--set", dest="script_args", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
                         help="another Args field of the script, e.g. --set num_steps 8 (ints and floats only)")
+    parser.add_argument("--solver", type=int, nargs=2, default=None, metavar=("ITERATIONS", "LS_ITERATIONS"),
+                        help="the model's solver iterations and line-search iterations instead of the asset's, to "
+                             "compare settings (e.g. --solver 4 8, go1.xml's before 2026-11-24)")
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU: also list each phase's kernels (MuJoCo Warp's and torch's) with their times")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     opts = parser.parse_args()
     opts.script_args = [(k, float(v) if "." in v else int(v)) for k, v in opts.script_args]
 
+    if opts.solver:  # every model the script loads gets these solver options
+        load_model = ec.load_model
+
+        def load_model_with_solver(path):
+            mjm = load_model(path)
+            mjm.opt.iterations, mjm.opt.ls_iterations = opts.solver
+            return mjm
+
+        ec.load_model = load_model_with_solver
     module_name, env_name = TASKS[opts.task]
     script = importlib.import_module(module_name)
     env_cls = getattr(script, env_name)
@@ -218,7 +230,8 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     on_gpu = device.type == "cuda"
     print(f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and on_gpu}, "
-          f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, {opts.iterations} timed iterations per size", flush=True)
+          f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, solver={opts.solver or 'as in the asset'}, "
+          f"{opts.iterations} timed iterations per size", flush=True)
 
     header = (f"{'envs':>7} | {'phys@start':>10} | {'physics':>9} | {'rollout':>9} | {'training':>9} | "
               f"{'roll/phys':>9} | {'train/phys':>10} | {'rollout ms':>10} | {'update ms':>9} | {'2 first s':>9} | "
@@ -253,7 +266,7 @@ def main():
     import warp
 
     report = {"task": opts.task, "device": name, "cudagraphs": opts.cudagraphs and on_gpu, "tf32": opts.tf32,
-              "compile": opts.compile and on_gpu,
+              "compile": opts.compile and on_gpu, "solver": opts.solver,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
               "versions": {"torch": torch.__version__, "warp": warp.__version__,
                            "mujoco_warp": getattr(mujoco_warp, "__version__", "?")},
