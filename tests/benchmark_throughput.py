@@ -204,7 +204,7 @@ def main():
                         help="another Args field of the script, e.g. --set num_steps 8 (ints and floats only)")
     parser.add_argument("--solver", type=int, nargs=2, default=None, metavar=("ITERATIONS", "LS_ITERATIONS"),
                         help="the model's solver iterations and line-search iterations instead of the asset's, to "
-                             "compare settings (e.g. --solver 4 8, go1.xml's before 2026-11-24)")
+                             "compare settings (e.g. --solver 1 5, MuJoCo Playground's for its Go1)")
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU: also list each phase's kernels (MuJoCo Warp's and torch's) with their times")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")

@@ -43,9 +43,11 @@ CASES = [
      ["wandb login", "WANDB_MODE=offline"]),
     ("more-envs-than-memory", ["--device", "cpu", "--num-envs", "1000000000"], {}, ["GiB", "use --num-envs"]),
 ]
+LOCOMOTION_ONLY = [("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"])]
 REACH_ONLY = [("unknown-control-type", [*CPU, "--control-type", "velocity"], {},
                ["--control-type", "torque, position or position_delta"])]
-ALL = [(s, *c) for s in SCRIPTS for c in CASES] + [("reach", *c) for c in REACH_ONLY]
+ALL = ([(s, *c) for s in SCRIPTS for c in CASES] + [("locomotion", *c) for c in LOCOMOTION_ONLY]
+       + [("reach", *c) for c in REACH_ONLY])
 
 
 def write_checkpoints(folder: Path, name: str) -> None:

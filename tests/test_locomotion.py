@@ -196,3 +196,11 @@ def test_reward_contact_terms(env):
 def test_reward_table_has_a_function_per_term():
     for name in loco.REWARD_SCALES:
         assert callable(getattr(loco.Go1Env, f"_reward_{name}")), name
+
+
+def test_solver_option_reaches_the_simulator():
+    """`--solver` sets the Newton and line-search iterations of the model that MuJoCo Warp steps; without it, go1.xml's."""
+    opt = loco.Go1Env(2, torch.device("cpu"), loco.Args()).sim.m.opt
+    assert (opt.iterations, opt.ls_iterations) == (4, 8)
+    opt = loco.Go1Env(2, torch.device("cpu"), loco.Args(solver=(1, 5))).sim.m.opt
+    assert (opt.iterations, opt.ls_iterations) == (1, 5)
