@@ -139,9 +139,9 @@ class Args:
     solver: Optional[tuple[int, int]] = None
     """Newton iterations and line-search iterations of MuJoCo's constraint solver per physics step, instead of
     go1.xml's 4 and 8, which converge in the states training visits. `--solver 1 5` (MuJoCo Playground's setting for
-    its Go1) trains about 20% faster and learns to walk about as fast, but each step's contact and joint-friction forces are
-    then only roughly solved: the joint velocities are off by 0.36 rad/s (median) from a converged solve's while the
-    targets move. Both measured in the README's Performance section (tests/solver_fidelity.py shows the error)"""
+    its Go1) trains about 20% faster and learns to walk about as fast, but each step's contact and joint-friction
+    forces are then only roughly solved: the joint velocities are off by 0.36 rad/s (median) from a converged solve's
+    while the targets move. Both measured in the README's Performance section (tests/solver_fidelity.py: the error)"""
     eval_interval: int = 100
     """iterations between two deterministic evaluations logged under eval/ (0: never)"""
     eval_envs: int = 1024

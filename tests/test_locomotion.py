@@ -199,7 +199,7 @@ def test_reward_table_has_a_function_per_term():
 
 
 def test_solver_option_reaches_the_simulator():
-    """`--solver` sets the Newton and line-search iterations of the model that MuJoCo Warp steps; without it, go1.xml's."""
+    """`--solver` sets the Newton and line-search iterations of the model MuJoCo Warp steps; else go1.xml's apply."""
     opt = loco.Go1Env(2, torch.device("cpu"), loco.Args()).sim.m.opt
     assert (opt.iterations, opt.ls_iterations) == (4, 8)
     opt = loco.Go1Env(2, torch.device("cpu"), loco.Args(solver=(1, 5))).sim.m.opt
