@@ -240,12 +240,15 @@ class BatchedSim:
     | overflow   | (N,) int32         | MuJoCo Warp's overflow bits, sticky until reset  | -                              |
 
     `contact_force` is filled only with `contact_forces=True` (an extra pass after the solver's last sub-step).
-    Body poses are refreshed after the last sub-step of every `step()`, so they match `qpos` (MuJoCo's own
-    mj_step leaves them one sub-step behind).
+    With `poses=True`, body poses (xpos, xquat, site_xpos) are recomputed after every `step()` and `reset()`, so
+    they match `qpos` (MuJoCo's own mj_step leaves them one sub-step behind). A task that reads none of them passes
+    `poses=False` and saves those two kinematics passes per policy step (about 20 small kernels); the physics is
+    the same, since every physics step starts by computing the poses of its qpos.
     """
 
     def __init__(self, mjm: mujoco.MjModel, num_envs: int, device: torch.device | str, decimation: int = 1,
-                 nconmax: int | None = None, njmax: int | None = None, contact_forces: bool = False):
+                 nconmax: int | None = None, njmax: int | None = None, contact_forces: bool = False,
+                 poses: bool = True):
         if int(num_envs) < 1:
             raise UserError(f"the number of environments must be at least 1, got {num_envs}")
         if int(decimation) < 1:
@@ -263,7 +266,7 @@ class BatchedSim:
             self.m = mjw.put_model(mjm)
             self.d = mjw.make_data(mjm, nworld=self.num_envs, nconmax=self.nconmax, njmax=self.njmax)
         self.m.opt.warn_overflow = 0  # overflows are counted per world on the device instead of printed
-        self.contact_forces = contact_forces
+        self.contact_forces, self.poses = contact_forces, poses
 
         d = self.d
         self.qpos, self.qvel, self.ctrl = wp.to_torch(d.qpos), wp.to_torch(d.qvel), wp.to_torch(d.ctrl)
@@ -299,7 +302,8 @@ class BatchedSim:
             # Contact forces are read once per policy step, after its last sub-step: compute them only there.
             self.m.opt.run_rne_postconstraint = self.contact_forces and i == self.decimation - 1
             mjw.step(self.m, self.d)
-        mjw.kinematics(self.m, self.d)  # body poses of the new qpos (Isaac Gym: refresh_rigid_body_state_tensor)
+        if self.poses:
+            mjw.kinematics(self.m, self.d)  # body poses of the new qpos (Isaac Gym: refresh_rigid_body_state_tensor)
 
     @torch.compiler.disable  # Warp's launches are not torch ops: torch.compile calls this as it is
     def step(self) -> None:
@@ -335,7 +339,7 @@ class BatchedSim:
         `envs` is either a bool mask of shape (N,), with qpos of shape (N, nq) whose other rows are ignored, or a
         long tensor of ids, with qpos of shape (len(ids), nq). qvel (default zero) and ctrl (default: unchanged)
         follow the same rule. Runs on the device with no host sync, so it may be called inside a rollout.
-        Body poses are recomputed right away, so `xpos` and friends match the new `qpos` on return.
+        With `poses=True`, body poses are recomputed right away, so `xpos` and friends match the new `qpos`.
         """
         if envs.dtype == torch.bool:
             mask = envs
@@ -353,7 +357,8 @@ class BatchedSim:
             t.masked_fill_(mask.view(-1, *[1] * (t.dim() - 1)), 0.0)
         self._time.masked_fill_(mask, 0.0)
         self.overflow.masked_fill_(mask, 0)
-        self._kinematics()  # deterministic: untouched worlds get the very same poses back
+        if self.poses:
+            self._kinematics()  # deterministic: untouched worlds get the very same poses back
 
     @torch.compiler.disable
     def _kinematics(self):

@@ -76,12 +76,16 @@ class Args:
 
     tf32: bool = True
     """on a GPU, let float32 matrix products use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation):
-    a faster update (measured in the README's Performance section), and PPO's noisy gradients do not need the last
-    bits (--no-tf32: full float32)"""
+    the output layers, and every layer with --no-bf16, where it makes the update faster (measured in the README's
+    Performance section); PPO's noisy gradients do not need the last bits (--no-tf32: full float32)"""
     compile: bool = True
     """on a GPU, torch.compile the rollout step and the minibatch losses: fuses their few hundred small kernels
     into a few dozen (measured in the README's Performance section), at the cost of compiling them at start-up
     (about 30 s on an H100 the first time, then about 8 s from torch's on-disk cache). The CPU path runs eagerly"""
+    bf16: bool = True
+    """on a GPU, run the hidden layers of the actor and the critic in bfloat16 (torch.autocast; float32 output
+    layers, losses, gradients and Adam): half the memory traffic of the update's activations and twice TF32's
+    tensor-core rate (measured in the README's Performance section). --no-bf16: TF32 or float32, as --tf32 says"""
     cudagraphs: bool = True
     """on a GPU, record one rollout step (policy, physics, observations, rewards, resets, storage) as a CUDA graph
     once and replay it: one launch per step instead of hundreds of small ones (--no-cudagraphs: plain eager torch)"""
@@ -486,12 +490,28 @@ class ActorCritic(nn.Module):
         self.actor = mlp([num_obs, *hidden, num_actions], out_std=0.01)
         self.critic = mlp([num_obs, *hidden, 1], out_std=1.0)
         self.actor_logstd = nn.Parameter(torch.full((num_actions,), float(np.log(init_noise_std))))
+        self.bf16 = False  # main() sets it from --bf16, on a GPU
+
+    def _mlp(self, net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        # Hidden layers in bfloat16 with --bf16 (the matrix products accumulate in float32); the output layer in
+        # float32, so that action means and values keep float32 resolution: PPO's probability ratios and value
+        # targets are differences of these.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = net[:-1](x)
+        return net[-1](hidden.float())
 
     def get_value(self, x):
-        return self.critic(x).squeeze(-1)
+        return self._mlp(self.critic, x).squeeze(-1)
+
+    def get_action(self, x):
+        """Sample an action and its log-probability: the rollout's step (the critic runs after the rollout)."""
+        mean = self._mlp(self.actor, x)
+        std = self.actor_logstd.exp().expand_as(mean)
+        action = mean + std * torch.randn_like(mean)  # as dist.sample(), without its host-side check of std
+        return action, Normal(mean, std, validate_args=False).log_prob(action).sum(-1)
 
     def get_action_and_value(self, x, action=None):
-        mean = self.actor(x)
+        mean = self._mlp(self.actor, x)
         # validate_args=False: the argument checks would read tensors on the host, a sync inside the rollout
         dist = Normal(mean, self.actor_logstd.exp().expand_as(mean), validate_args=False)
         if action is None:  # dist.sample(), without torch.normal's check of the std on the host (a sync)
@@ -499,7 +519,7 @@ class ActorCritic(nn.Module):
         return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.get_value(x)
 
     def act_deterministic(self, x):
-        return self.actor(x)
+        return self._mlp(self.actor, x)
 
 
 # ==================================================================================================================
@@ -531,17 +551,23 @@ class RolloutStorage:
     obs: torch.Tensor          # (T, N, num_obs) normalized observations the policy acted on
     actions: torch.Tensor      # (T, N, num_actions)
     logprobs: torch.Tensor     # (T, N) log-probability of each action under the policy that sampled it
-    rewards: torch.Tensor      # (T, N) with gamma * V(final observation) added on time-outs
-    values: torch.Tensor       # (T, N) critic's value of obs
-    dones: torch.Tensor        # (T, N) bool: the episode ended after this step (fell or timed out)
+    rewards: torch.Tensor      # (T, N) with gamma * V(final observation) added on time-outs (by finish_rollout)
+    dones: torch.Tensor        # (T, N) bool: the episode ended after this step (terminated or timed out)
+    truncated: torch.Tensor    # (T, N) bool: ... by a time-out
+    final_obs: torch.Tensor    # (T, N, num_obs) normalized last observation of the episodes that ended
+    values: torch.Tensor       # (T, N) critic's value of obs              } filled after the rollout,
+    advantages: torch.Tensor   # (T, N) GAE advantages                      } by finish_rollout
+    returns: torch.Tensor      # (T, N) advantages + values                 }
     step: torch.Tensor         # (1,) long: the row the next rollout step writes
     next_obs: torch.Tensor     # (N, num_obs) raw observation the policy acts on next
 
     @classmethod
     def allocate(cls, T: int, N: int, num_obs: int, num_actions: int, device) -> RolloutStorage:
         z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        return cls(z(T, N, num_obs), z(T, N, num_actions), z(T, N), z(T, N), z(T, N), z(T, N, dtype=torch.bool),
-                   z(1, dtype=torch.long), z(N, num_obs))
+        return cls(obs=z(T, N, num_obs), actions=z(T, N, num_actions), logprobs=z(T, N), rewards=z(T, N),
+                   dones=z(T, N, dtype=torch.bool), truncated=z(T, N, dtype=torch.bool), final_obs=z(T, N, num_obs),
+                   values=z(T, N), advantages=z(T, N), returns=z(T, N), step=z(1, dtype=torch.long),
+                   next_obs=z(N, num_obs))
 
 
 def make_rollout_step(env: ReachEnv, agent: ActorCritic, normalizer: ObservationNormalizer, storage: RolloutStorage,
@@ -554,12 +580,11 @@ def make_rollout_step(env: ReachEnv, agent: ActorCritic, normalizer: Observation
     def rollout_step() -> None:
         normalizer.update(storage.next_obs)
         obs = normalizer(storage.next_obs)
-        action, logprob, _, value = agent.get_action_and_value(obs)
+        action, logprob = agent.get_action(obs)
         next_obs, reward, terminated, truncated, final_obs = env.step(action)
-        # Time-outs are not failures: bootstrap with the value of the last observation of the episode.
-        reward = reward + args.gamma * agent.get_value(normalizer(final_obs)) * truncated
         for buf, x in ((storage.obs, obs), (storage.actions, action), (storage.logprobs, logprob),
-                       (storage.values, value), (storage.rewards, reward), (storage.dones, terminated | truncated)):
+                       (storage.rewards, reward), (storage.dones, terminated | truncated),
+                       (storage.truncated, truncated), (storage.final_obs, normalizer(final_obs))):
             buf.index_copy_(0, storage.step, x.unsqueeze(0))
         storage.next_obs.copy_(next_obs)
         storage.step.add_(1)
@@ -572,10 +597,34 @@ def make_rollout_step(env: ReachEnv, agent: ActorCritic, normalizer: Observation
     return rollout_step
 
 
-def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storage: RolloutStorage, args: Args):
-    """PPO's clipped surrogate on the rollout in `storage`: update_epochs passes over shuffled minibatches.
+def make_finish_rollout(agent: ActorCritic, normalizer: ObservationNormalizer, storage: RolloutStorage, args: Args):
+    """After the rollout: the critic's values of every stored observation, the bootstrap of time-outs, and GAE,
+    written into `storage`. The critic does not change during a rollout, so it runs here once on all T * N rows
+    rather than on N rows at every step: one large batch instead of 2 * T small ones (measured in the README's
+    Performance section). In place and without host syncs, like the rollout step: on a GPU it is recorded as one
+    CUDA graph (not compiled: it runs once per iteration, and compiling it would lengthen the start-up)."""
 
-    Returns update(advantages, returns) -> the losses and statistics as device tensors (reading them is the
+    @torch.no_grad()
+    def finish_rollout() -> None:
+        T, N = storage.rewards.shape
+        storage.values.copy_(agent.get_value(storage.obs.view(T * N, -1)).view(T, N))
+        # Time-outs are not failures: bootstrap with the value of the last observation of the episode.
+        final_values = agent.get_value(storage.final_obs.view(T * N, -1)).view(T, N)
+        storage.rewards.add_(args.gamma * final_values * storage.truncated)
+        next_value = agent.get_value(normalizer(storage.next_obs))
+        advantages, returns = compute_gae(storage.rewards, storage.values, storage.dones, next_value, args.gamma,
+                                          args.gae_lambda)
+        storage.advantages.copy_(advantages)
+        storage.returns.copy_(returns)
+
+    return finish_rollout
+
+
+def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storage: RolloutStorage, args: Args):
+    """PPO's clipped surrogate on the rollout in `storage` (advantages and returns filled by finish_rollout):
+    update_epochs passes over shuffled minibatches.
+
+    Returns update() -> the losses and statistics as device tensors (reading them is the
     caller's one host sync). One minibatch step (forward, backward, gradient clipping, Adam, learning rate) reads
     its rows through the index tensor `mb` and writes everything in place, so that on a GPU it is recorded once
     as a CUDA graph and replayed (--cudagraphs): a few hundred small kernels at the cost of one launch."""
@@ -584,7 +633,7 @@ def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storag
     minibatch_size = batch_size // args.num_minibatches
     b_obs, b_actions = storage.obs.view(batch_size, -1), storage.actions.view(batch_size, -1)
     b_logprobs, b_values = storage.logprobs.view(-1), storage.values.view(-1)
-    b_advantages, b_returns = torch.zeros(batch_size, device=device), torch.zeros(batch_size, device=device)
+    b_advantages, b_returns = storage.advantages.view(-1), storage.returns.view(-1)
     mb = torch.zeros(minibatch_size, dtype=torch.long, device=device)  # the rows of the current minibatch
     lr = optimizer.param_groups[0]["lr"]  # a tensor on the device, shared by every parameter group
     last = torch.zeros(4, device=device)  # value loss, policy loss, entropy, old approx KL of the last minibatch
@@ -631,9 +680,7 @@ def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storag
 
     run_minibatch_step = ec.cuda_graphed(minibatch_step, device) if args.cudagraphs else minibatch_step
 
-    def update(advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
-        b_advantages.copy_(advantages.view(-1))
-        b_returns.copy_(returns.view(-1))
+    def update() -> dict[str, torch.Tensor]:
         sums.zero_()
         for _ in range(args.update_epochs):
             perm = torch.randperm(batch_size, device=device)
@@ -808,8 +855,9 @@ def check_args(args: Args) -> None:
 
 
 # GPU memory per environment at the default sizes (simulation, rollout storage, update activations): the slope of the
-# memory in use against --num-envs in tests/benchmark_throughput.py on an H100, 0.08 MB at 24 steps, rounded up.
-BYTES_PER_ENV_STEP = 4 * 1024
+# memory in use against --num-envs in tests/benchmark_throughput.py on an H100 is 0.06 MB at 24 steps; --no-bf16 adds
+# float32 activations (0.13 MB for the locomotion script's networks, which are twice as wide). 0.15 MB, to cover both.
+BYTES_PER_ENV_STEP = 6 * 1024
 
 
 def fault_note(stats: dict) -> str:
@@ -859,6 +907,7 @@ def main(args: Args) -> None:
         adopt_policy_args(args, ckpt)
 
     agent = ActorCritic(ReachEnv.num_obs, ReachEnv.num_actions, args.init_noise_std).to(device)
+    agent.bf16 = args.bf16 and device.type == "cuda"
     normalizer = ObservationNormalizer(ReachEnv.num_obs, clip=args.obs_clip).to(device)
     # The learning rate is a tensor on the device, so that ppo_update's KL-adaptive schedule changes it without a
     # host sync; the fused Adam kernel (GPU) reads it from there.
@@ -967,6 +1016,8 @@ def main(args: Args) -> None:
         env.desynchronize()
     rollout_step = make_rollout_step(env, agent, normalizer, storage, args)
     run_rollout_step = ec.cuda_graphed(rollout_step, device) if args.cudagraphs else rollout_step
+    finish_rollout = make_finish_rollout(agent, normalizer, storage, args)
+    run_finish_rollout = ec.cuda_graphed(finish_rollout, device) if args.cudagraphs else finish_rollout
     ppo_update = make_ppo_update(agent, optimizer, storage, args)
     for iteration in range(start_iteration, args.num_iterations + 1):
         # ---------------- rollout: no host synchronisation in here ----------------
@@ -974,10 +1025,7 @@ def main(args: Args) -> None:
         storage.step.zero_()
         for _ in range(T):
             run_rollout_step()
-        with torch.no_grad():
-            next_value = agent.get_value(normalizer(storage.next_obs))
-            advantages, returns = compute_gae(storage.rewards, storage.values, storage.dones, next_value,
-                                              args.gamma, args.gae_lambda)
+        run_finish_rollout()  # values, time-out bootstrap, GAE
         global_step += T * N
         if device.type == "cuda":
             torch.cuda.synchronize()  # so the phase timings below are real, not queued work
@@ -985,7 +1033,7 @@ def main(args: Args) -> None:
 
         # ---------------- PPO update ----------------
         t_update = time.perf_counter()
-        losses = ppo_update(advantages, returns)
+        losses = ppo_update()
         losses = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # the iteration's one wait for the GPU
         t_update = time.perf_counter() - t_update
 

@@ -10,7 +10,8 @@ so this measures what users run):
      left it, put back before each repetition), which costs more: robots that fall or flail touch the ground with
      more than their feet and need more solver iterations. The second is the reference of the ratios;
   2. rollout: the script's rollout step (policy, physics, observations, rewards, resets, storage) as training runs
-     it (torch.compile'd and replayed from a CUDA graph: the scripts' defaults on a GPU), and GAE;
+     it (torch.compile'd and replayed from a CUDA graph: the scripts' defaults on a GPU), and its finish_rollout
+     (the critic's values, the time-out bootstrap and GAE);
   3. training: full PPO iterations, rollout + update: the SPS that the scripts print;
 and prints a table with the ratios rollout/physics and training/physics, the time of each phase per iteration and
 the peak GPU memory, and writes the same as JSON. On the CPU (tiny sizes) it shows the pipeline, not speed.
@@ -54,7 +55,8 @@ def timed(fn, repeats: int, device) -> float:
 
 def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     args = script.Args(num_envs=num_envs, num_iterations=opts.iterations, device=str(device), seed=opts.seed,
-                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, compile=opts.compile and device.type == "cuda",
+                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, bf16=opts.bf16,
+                       compile=opts.compile and device.type == "cuda",
                        **dict(opts.script_args))
     script.check_args(args)
     ec.seed_everything(args.seed)
@@ -70,6 +72,7 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
 
     # The script's own pieces, as its main() builds them.
     agent = script.ActorCritic(env_cls.num_obs, env_cls.num_actions, args.init_noise_std).to(device)
+    agent.bf16 = args.bf16 and device.type == "cuda"
     normalizer = script.ObservationNormalizer(env_cls.num_obs, clip=args.obs_clip).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
                                  fused=device.type == "cuda", capturable=device.type == "cuda" and args.cudagraphs)
@@ -78,19 +81,18 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     env.desynchronize()
     rollout_step = script.make_rollout_step(env, agent, normalizer, storage, args)
     run_rollout_step = ec.cuda_graphed(rollout_step, device) if args.cudagraphs else rollout_step
+    finish_rollout = script.make_finish_rollout(agent, normalizer, storage, args)
+    run_finish_rollout = ec.cuda_graphed(finish_rollout, device) if args.cudagraphs else finish_rollout
     ppo_update = script.make_ppo_update(agent, optimizer, storage, args)
 
     def rollout():
         storage.step.zero_()
         for _ in range(T):
             run_rollout_step()
-        with torch.no_grad():
-            next_value = agent.get_value(normalizer(storage.next_obs))
-            return script.compute_gae(storage.rewards, storage.values, storage.dones, next_value, args.gamma,
-                                      args.gae_lambda)
+        run_finish_rollout()
 
-    def update(advantages, returns):
-        losses = ppo_update(advantages, returns)
+    def update():
+        losses = ppo_update()
         torch.stack(list(losses.values())).tolist()  # the loop's one host sync per iteration
 
     # Full PPO iterations, timed per phase as the scripts' loop does. The first two compile (with --compile),
@@ -98,10 +100,10 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     rollout_times, update_times = [], []
     for i in range(opts.iterations + 2):
         t0 = time.perf_counter()
-        advantages, returns = rollout()
+        rollout()
         sync(device)
         t1 = time.perf_counter()
-        update(advantages, returns)
+        update()
         t2 = time.perf_counter()
         rollout_times.append(t1 - t0)
         update_times.append(t2 - t1)
@@ -128,7 +130,7 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     if opts.profile and device.type == "cuda":
         env.sim.set_state(snapshot)
         profile_phases({"physics (training states, controls held)": lambda: [env.sim.step() for _ in range(T)],
-                        "rollout": rollout, "update": lambda: update(*rollout())}, num_envs)
+                        "rollout": rollout, "update": update}, num_envs)
     stats = env.pop_stats()
     assert all(torch.isfinite(p).all() for p in agent.parameters()), "training produced non-finite weights"
 
@@ -199,6 +201,8 @@ def main():
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="the scripts' --no-compile: no torch.compile (GPU only, as in the scripts)")
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 matrix products")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="the scripts' --no-bf16: the MLPs' hidden layers in float32 (TF32 unless --no-tf32)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--set", dest="script_args", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
                         help="another Args field of the script, e.g. --set num_steps 8 (ints and floats only)")
@@ -230,7 +234,8 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     on_gpu = device.type == "cuda"
     print(f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and on_gpu}, "
-          f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, solver={opts.solver or 'as in the asset'}, "
+          f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, bf16={opts.bf16 and on_gpu}, "
+          f"solver={opts.solver or 'as in the asset'}, "
           f"{opts.iterations} timed iterations per size", flush=True)
 
     header = (f"{'envs':>7} | {'phys@start':>10} | {'physics':>9} | {'rollout':>9} | {'training':>9} | "
@@ -249,7 +254,7 @@ def main():
         if len(rows) == 1:
             print("environment steps per second. phys@start: the simulator alone, every robot standing at its home "
                   "pose; physics: the simulator alone in the states training visits (the reference of the ratios); "
-                  "rollout: + policy, observations, rewards, resets, storage, GAE; training: + PPO update. "
+                  "rollout: + policy, observations, rewards, resets, storage, values and GAE; training: + PPO update. "
                   "2 first s: the first two iterations (compiling, recording the graphs)")
             print(header)
         gib = row.get("device_used_gib", float("nan"))
@@ -266,6 +271,7 @@ def main():
     import warp
 
     report = {"task": opts.task, "device": name, "cudagraphs": opts.cudagraphs and on_gpu, "tf32": opts.tf32,
+              "bf16": opts.bf16 and on_gpu,
               "compile": opts.compile and on_gpu, "solver": opts.solver,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
               "versions": {"torch": torch.__version__, "warp": warp.__version__,

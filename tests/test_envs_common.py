@@ -180,6 +180,34 @@ def test_contact_forces_match_mujoco_c():
     assert largest > 0.3 * weight, "no world touched the ground: the test compared zeros"
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU, MuJoCo Warp's float atomics (contact slots, constraint sums) make two "
+                    "identical simulations differ in the last bits; the CPU runs the same kernels deterministically")
+def test_skipping_pose_refresh_leaves_the_physics_bit_for_bit():
+    """poses=False (the locomotion task's setting) drops the kinematics passes after step() and reset(): the state,
+    actuator forces and contact forces stay bit-for-bit those of poses=True, while body poses are left as MuJoCo's
+    mj_step leaves them (computed from the qpos before the last sub-step)."""
+    mjm = ec.load_model(ASSETS["go1"])
+    n = 4
+    sims = [ec.BatchedSim(mjm, n, DEVICE, decimation=4, contact_forces=True, poses=p) for p in (True, False)]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(30):
+        ctrl = sims[0].default_ctrl + 0.3 * torch.randn(n, mjm.nu, generator=gen).to(DEVICE)
+        if step == 12:  # reset two worlds to a perturbed pose mid-way
+            qpos = sims[0].default_qpos.expand(n, -1).clone()
+            qpos[:, 7:] += 0.2
+            reset = torch.tensor([True, False, True, False], device=DEVICE)
+        for sim in sims:
+            sim.ctrl.copy_(ctrl)
+            if step == 12:
+                sim.reset(reset, qpos)
+            sim.step()
+    a, b = sims
+    for name in ("qpos", "qvel", "act_force", "contact_force"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.contact_force[:, 1:].abs().max() > 1.0, "no contact: the test compared zeros"
+    assert not torch.equal(a.xpos, b.xpos), "poses=False still refreshed the poses"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Contact buffers: sized from the model, overflow detected per world instead of contacts dropped silently
 # ---------------------------------------------------------------------------------------------------------------
