@@ -510,12 +510,12 @@ class ActorCritic(nn.Module):
         action = mean + std * torch.randn_like(mean)  # as dist.sample(), without its host-side check of std
         return action, Normal(mean, std, validate_args=False).log_prob(action).sum(-1)
 
-    def get_action_and_value(self, x, action=None):
+    def get_action_and_value(self, x, action):
+        """Log-probability and entropy of the rollout's `action` under the current policy, and the value: the
+        update's forward pass."""
         mean = self._mlp(self.actor, x)
-        # validate_args=False: the argument checks would read tensors on the host, a sync inside the rollout
+        # validate_args=False: the argument checks would read tensors on the host, a sync inside a CUDA graph
         dist = Normal(mean, self.actor_logstd.exp().expand_as(mean), validate_args=False)
-        if action is None:  # dist.sample(), without torch.normal's check of the std on the host (a sync)
-            action = mean + dist.stddev * torch.randn_like(mean)
         return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.get_value(x)
 
     def act_deterministic(self, x):

@@ -75,7 +75,8 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
             for _ in range(T):
                 normalizer.update(next_obs)
                 obs = normalizer(next_obs)
-                action, logprob, _, value = agent.get_action_and_value(obs)
+                action, logprob = agent.get_action(obs)
+                value = agent.get_value(obs)
                 next_obs, reward, terminated, truncated, final_obs = env.step(action)
                 reward = reward + args.gamma * agent.get_value(normalizer(final_obs)) * truncated
                 for k, v in zip(plain, (obs, action, logprob, value, reward, terminated | truncated)):
