@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import secrets
 import signal
 import sys
 import time
@@ -580,6 +581,7 @@ def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: float) ->
     import imageio.v2 as imageio  # only video capture needs it
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.mp4")
     with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=8, quality=7) as writer:
         for f in frames:
@@ -847,7 +849,7 @@ class Logger:
         if track:
             import wandb  # only --track needs it
 
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or secrets.token_hex(4)  # a W&B run id; not from the seeded generators
             offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
             resume = {}
             if wandb_id is not None and resume_step is not None:
@@ -980,17 +982,24 @@ def nonfinite_names(modules: dict[str, torch.nn.Module]) -> list[str]:
 def note_gpu_only_flags(args, device: torch.device) -> None:
     """Every printed line true for what was run: say that the GPU-only speed switches change nothing on the CPU."""
     if device.type == "cpu":
-        off = [flag(f"no_{n}") for n in ("compile", "cudagraphs", "tf32", "bf16") if not getattr(args, n)]
+        off = [flag(f"no_{n}") for n in SPEED_FLAGS if not getattr(args, n)]
         if off:
             print(f"note: {', '.join(off)} change nothing on the CPU, which always runs plain eager float32",
                   flush=True)
 
 
-def gpu_speed_flags(args, device: torch.device) -> None:
-    """Turn the GPU-only switches off on the CPU, so that args (and config.json) say what runs."""
+SPEED_FLAGS = ("compile", "cudagraphs", "tf32", "bf16")
+
+
+def gpu_speed_flags(args, device: torch.device) -> dict[str, bool]:
+    """Turn the GPU-only switches off on the CPU, so that args (and config.json) say what runs. Returns the switches
+    as asked for: checkpoints keep those, so that a CPU run resumed on a GPU runs fast there."""
+    requested = {name: getattr(args, name) for name in SPEED_FLAGS}
     if device.type != "cuda":
-        args.compile = args.cudagraphs = args.tf32 = args.bf16 = False
+        for name in SPEED_FLAGS:
+            setattr(args, name, False)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    return requested
 
 
 # ----------------------------------------------------------------------------------------------------------------

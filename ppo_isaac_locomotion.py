@@ -749,7 +749,7 @@ def main(args: Args) -> None:
     args.num_iterations = args.num_iterations or (500 if device.type == "cuda" else 5)
     check_args(args)
     ec.note_gpu_only_flags(args, device)
-    ec.gpu_speed_flags(args, device)
+    requested_speed = ec.gpu_speed_flags(args, device)
     ec.check_memory(device, args.num_envs, args.num_steps * BYTES_PER_ENV_STEP)
     if args.capture_video:
         ec.Renderer.check_available()
@@ -914,7 +914,7 @@ def main(args: Args) -> None:
             # Everything needed to go on exactly as if never stopped: the environments and every generator included.
             payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
                        "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
-                       "normalizer": normalizer.state_dict(), "args": dataclasses.asdict(args),
+                       "normalizer": normalizer.state_dict(), "args": {**dataclasses.asdict(args), **requested_speed},
                        "obs_dim": env.num_obs, "act_dim": env.num_actions, "env": env.state_dict(),
                        "rng": ec.rng_state(), "wandb_id": logger.wandb_id}
             ec.save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
