@@ -41,11 +41,12 @@ def run(args, cwd, env=None, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """Two iterations of the default control (position_delta) with video and W&B (offline), as a user would."""
+def trained_run(tmp_path_factory, rendering_problem):
+    """Two iterations of the default control (position_delta) with video (where this machine can render) and W&B
+    (offline), as a user would."""
     cwd = tmp_path_factory.mktemp("reach")
-    out = run([*TINY, "--num-iterations", "2", "--capture-video", "--video-interval", "2", "--video-length", "5",
-               "--track", "--save-interval", "1"], cwd)
+    video = [] if rendering_problem else ["--capture-video", "--video-interval", "2", "--video-length", "5"]
+    out = run([*TINY, "--num-iterations", "2", *video, "--track", "--save-interval", "1"], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     (run_dir,) = (cwd / "runs").iterdir()
     return cwd, run_dir, out.stdout
@@ -54,7 +55,17 @@ def trained_run(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------------
 # The script end to end
 # ---------------------------------------------------------------------------------------------------------------
-def test_end_to_end_writes_logs_checkpoints_and_video(trained_run):
+def test_end_to_end_video(trained_run, rendering_problem):
+    if rendering_problem:
+        pytest.skip(rendering_problem)
+    cwd, run_dir, stdout = trained_run
+    video = run_dir / "videos" / "iter_000002.mp4"
+    assert video.stat().st_size > 1000
+    log = json.loads(video.with_suffix(".json").read_text())
+    assert len(log) == 5 and len(log[0]["target"]) == 3 and len(log[0]["ee"]) == 3
+
+
+def test_end_to_end_writes_logs_and_checkpoints(trained_run):
     cwd, run_dir, stdout = trained_run
     assert "iter     2/2" in stdout and "SPS" in stdout and "success" in stdout and "position_delta" in stdout
     assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
@@ -64,10 +75,6 @@ def test_end_to_end_writes_logs_checkpoints_and_video(trained_run):
     assert ckpt["script"] == "ppo_isaac_reach" and ckpt["iteration"] == 2 and ckpt["args"]["control_type"] == \
         "position_delta"
     assert (ckpt["obs_dim"], ckpt["act_dim"]) == (30, 7) and set(ckpt["rng"]) >= {"python", "numpy", "torch"}
-    video = run_dir / "videos" / "iter_000002.mp4"
-    assert video.stat().st_size > 1000
-    log = json.loads(video.with_suffix(".json").read_text())
-    assert len(log) == 5 and len(log[0]["target"]) == 3 and len(log[0]["ee"]) == 3
     assert list((cwd / "wandb").glob("offline-run-*")), "--track with WANDB_MODE=offline wrote no run"
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["iteration"] == 2 and summary["global_step"] == 2 * 4 * 8
@@ -143,20 +150,25 @@ def test_export_matches_the_scripts_own_policy(trained_run):
 # ---------------------------------------------------------------------------------------------------------------
 LEARN = ["--device", "cpu", "--num-envs", "128", "--num-iterations", "25", "--eval-interval", "25",
          "--eval-envs", "128", "--eval-steps", "250", "--save-interval", "1000"]
-LEARN_WALL_LIMIT_S = 150
+# Only a guard against a hang: about 15x the time the test takes alone (38.6 s on the 2-core development machine,
+# start-up and two evaluations included; 230 s there under a load of 6), so that a busy machine does not fail it.
+# The work is fixed by LEARN.
+LEARN_HANG_GUARD_S = 600
 
 
+@pytest.mark.slow
 def test_ppo_learns_to_reach(tmp_path):
     """position_delta control, 128 environments x 25 iterations x 24 steps (77k environment steps) on the CPU.
 
-    Bound: the whole subprocess (start-up, kernels already cached, two evaluations, training) takes under
-    LEARN_WALL_LIMIT_S = 150 s on a 2-core machine; measured about 26 s, of which 13 s of training. Bar: the deterministic policy's mean final distance to its targets (at a reach or a
-    time-out) falls to under half of the untrained policy's, both measured by the script's own evaluation on the
-    same fresh targets. The untrained policy outputs ~0, so the arm holds still: its figure is the distance from
-    the home pose to the targets. Broken PPO (e.g. the policy loss's sign flipped) or rewards fail this.
+    Bound by work, not by time: the run is the fixed number of iterations in LEARN, however long a busy machine
+    takes for them (about 40 s alone on 2 cores). Bar: the deterministic policy's mean final distance to its
+    targets (at a reach or a time-out) falls to under half of the untrained policy's, both measured by the script's
+    own evaluation on the same fresh targets. The untrained policy outputs ~0, so the arm holds still: its figure
+    is the distance from the home pose to the targets. Broken PPO (e.g. the policy loss's sign flipped) or rewards
+    fail this.
     """
     t0 = time.time()
-    out = run(LEARN, tmp_path, timeout=LEARN_WALL_LIMIT_S)
+    out = run(LEARN, tmp_path, timeout=LEARN_HANG_GUARD_S)
     wall = time.time() - t0
     assert out.returncode == 0, out.stdout + out.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -165,7 +177,6 @@ def test_ppo_learns_to_reach(tmp_path):
     print(f"untrained final distance {before:.4f} m, trained {after:.4f} m, "
           f"success {summary['final_eval']['success_rate']:.3f}, wall {wall:.1f} s")
     assert after < 0.5 * before, out.stdout
-    assert wall < LEARN_WALL_LIMIT_S, f"the learning test took {wall:.0f} s, over its {LEARN_WALL_LIMIT_S} s bound"
 
 
 # ---------------------------------------------------------------------------------------------------------------
