@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import random
 import secrets
 import signal
@@ -34,23 +35,68 @@ import torch
 
 
 
-def _pick_gl_backend() -> None:
-    """MuJoCo picks its OpenGL backend when first imported: EGL on a GPU machine, OSMesa on a CPU one. A backend
-    whose library is missing would break `import mujoco` itself, so without one rendering is disabled and
-    Renderer() says what to install."""
-    if "MUJOCO_GL" in os.environ or sys.platform == "darwin":  # the user's choice; macOS has its own (CGL)
-        return
-    order = [("egl", "EGL"), ("osmesa", "OSMesa")] if torch.cuda.is_available() else [("osmesa", "OSMesa"), ("egl", "EGL")]
-    for backend, library in order:
-        if ctypes.util.find_library(library):
-            os.environ["MUJOCO_GL"] = backend
-            return
+# MuJoCo's headless OpenGL backends on Linux: the library each loads and the Debian/Ubuntu package that has it.
+GL_LIBRARIES = {"egl": ("EGL", "libegl1"), "osmesa": ("OSMesa", "libosmesa6")}
+_GL_OFF = ("disable", "disabled", "off", "false", "0")
+# The other names MuJoCo accepts on each platform (on Linux all of them mean GLFW, which needs a display).
+_GL_OTHERS = {"Linux": ("glfw", "glx", "enable", "enabled", "on", "true", "1"), "Darwin": ("glfw", "cgl"),
+              "Windows": ("glfw", "wgl")}
+
+
+def choose_gl_backend(requested: str | None, system: str, gpu: bool,
+                      find_library=ctypes.util.find_library) -> tuple[str | None, str | None]:
+    """The MUJOCO_GL value to import MuJoCo with (None: leave it unset), and why rendering cannot work (None: it may).
+
+    `requested` is the user's MUJOCO_GL (None or "": unset), `system` is platform.system(), `gpu` whether torch sees
+    a GPU, and `find_library` looks a library up by name as ctypes.util.find_library does (tests pass a fake one).
+    MuJoCo loads the backend's library when first imported, and a missing library or an unknown name breaks
+    `import mujoco` itself; such a request becomes "disable", so that training, evaluation and export still run and
+    only Renderer fails, with the returned reason. Unset on Linux: EGL on a GPU machine, OSMesa on a CPU one,
+    whichever library is present."""
+    name = (requested or "").strip().lower()
+    if not name:
+        if system != "Linux":
+            return requested, None  # macOS and Windows have their own backend (CGL, WGL)
+        for backend in ("egl", "osmesa") if gpu else ("osmesa", "egl"):
+            if find_library(GL_LIBRARIES[backend][0]):
+                return backend, None
+        return "disable", ("MUJOCO_GL is not set and neither libEGL nor libOSMesa is installed (Debian/Ubuntu: "
+                           "apt-get install libegl1 on a GPU machine, libosmesa6 on a CPU one)")
+    if name in _GL_OFF:
+        return requested, f"MUJOCO_GL={requested} turns rendering off"
+    if system == "Linux" and name in GL_LIBRARIES:
+        library, package = GL_LIBRARIES[name]
+        if find_library(library):
+            return requested, None
+        return "disable", (f"MUJOCO_GL={requested} needs lib{library}, which is not installed "
+                           f"(Debian/Ubuntu: apt-get install {package})")
+    if name in _GL_OTHERS.get(system, ()):
+        return requested, None  # GLFW comes inside its Python package; a missing display shows in Renderer
+    return "disable", f"MUJOCO_GL={requested} is not a backend MuJoCo knows (on Linux: egl, osmesa or glfw)"
+
+
+def _pick_gl_backend() -> str | None:
+    """Set MUJOCO_GL for MuJoCo's import (see choose_gl_backend); return why rendering cannot work, or None."""
+    backend, problem = choose_gl_backend(GL_REQUESTED, platform.system(), torch.cuda.is_available())
+    if backend is not None:
+        os.environ["MUJOCO_GL"] = backend
+    return problem
+
+
+GL_REQUESTED = os.environ.get("MUJOCO_GL")  # the user's choice, which Renderer's errors name
+_GL_PROBLEM = _pick_gl_backend()
+try:
+    import mujoco
+except Exception as e:  # noqa: BLE001 - a library that is there but fails to load: import without rendering
+    _GL_PROBLEM = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} fails to load ({type(e).__name__}: {str(e)[:200]!r})"
     os.environ["MUJOCO_GL"] = "disable"
+    import mujoco  # Python dropped the modules that failed; the rest are reused
+if _GL_PROBLEM is not None:  # put the user's setting back for child processes, which decide for themselves
+    if GL_REQUESTED is None:
+        os.environ.pop("MUJOCO_GL", None)
+    else:
+        os.environ["MUJOCO_GL"] = GL_REQUESTED
 
-
-_pick_gl_backend()
-
-import mujoco  # noqa: E402
 import mujoco_warp as mjw  # noqa: E402
 import warp as wp  # noqa: E402
 
@@ -516,15 +562,19 @@ class Renderer:
 
     def __init__(self, sim: BatchedSim, width: int = 640, height: int = 480, camera: str | int = -1):
         self.sim, self.camera = sim, camera
+        fix = ("set MUJOCO_GL=egl on a GPU machine (Debian/Ubuntu: apt-get install libegl1) or MUJOCO_GL=osmesa on "
+               "a CPU one (apt-get install libosmesa6), or run without --capture-video")
+        if _GL_PROBLEM is not None:  # known since import: MuJoCo was imported without rendering
+            raise UserError(f"no OpenGL rendering backend works here: {_GL_PROBLEM}. To render, {fix}")
         try:
             self._renderer = mujoco.Renderer(sim.mjm, height=height, width=width)
-        except Exception as e:  # noqa: BLE001 - every backend failure means the same fix
-            backend = os.environ.get("MUJOCO_GL", "default")
-            raise UserError(
-                f"no OpenGL rendering backend works here (MUJOCO_GL={backend}: {str(e).splitlines()[0]}). "
-                "On a GPU machine set MUJOCO_GL=egl (needs libegl1); on a CPU machine set MUJOCO_GL=osmesa and "
-                "install OSMesa (Debian/Ubuntu: apt-get install libosmesa6); or run without --capture-video"
-            ) from None
+        except Exception as e:  # noqa: BLE001 - the library loads but makes no context (no driver, no display)
+            backend = GL_REQUESTED or os.environ.get("MUJOCO_GL")
+            setting = f"MUJOCO_GL={backend}" if backend else "MUJOCO_GL unset"
+            if platform.system() == "Linux" and (backend or "").strip().lower() in _GL_OTHERS["Linux"]:
+                setting += ", a window through GLFW, which needs a display"
+            raise UserError(f"no OpenGL rendering backend works here ({setting}: {str(e).splitlines()[0]}). "
+                            f"To render, {fix}") from None
         self._data = mujoco.MjData(sim.mjm)
 
     @staticmethod

@@ -39,26 +39,32 @@ def run(args, cwd, env=None, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """Two iterations with video and W&B (offline), as a user would run it."""
+def trained_run(tmp_path_factory, rendering_problem):
+    """Two iterations with video (where this machine can render) and W&B (offline), as a user would run it."""
     cwd = tmp_path_factory.mktemp("loco")
-    out = run([*TINY, "--num-iterations", "2", "--capture-video", "--video-interval", "2", "--video-length", "5",
-               "--track", "--save-interval", "1"], cwd)
+    video = [] if rendering_problem else ["--capture-video", "--video-interval", "2", "--video-length", "5"]
+    out = run([*TINY, "--num-iterations", "2", *video, "--track", "--save-interval", "1"], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     (run_dir,) = (cwd / "runs").iterdir()
     return cwd, run_dir, out.stdout
 
 
-def test_end_to_end_writes_logs_checkpoints_and_video(trained_run):
+def test_end_to_end_video(trained_run, rendering_problem):
+    if rendering_problem:
+        pytest.skip(rendering_problem)
+    cwd, run_dir, stdout = trained_run
+    video = run_dir / "videos" / "iter_000002.mp4"
+    assert video.stat().st_size > 1000
+    log = json.loads(video.with_suffix(".json").read_text())
+    assert len(log) == 5 and len(log[0]["command"]) == 3 and len(log[0]["actual"]) == 3
+
+
+def test_end_to_end_writes_logs_and_checkpoints(trained_run):
     cwd, run_dir, stdout = trained_run
     assert "iter     2/2" in stdout and "SPS" in stdout
     assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["ckpt_000001.pt", "ckpt_000002.pt", "latest.pt"]
-    video = run_dir / "videos" / "iter_000002.mp4"
-    assert video.stat().st_size > 1000
-    log = json.loads(video.with_suffix(".json").read_text())
-    assert len(log) == 5 and len(log[0]["command"]) == 3 and len(log[0]["actual"]) == 3
     assert list((run_dir / "wandb").glob("offline-run-*")), "--track (WANDB_MODE=offline) wrote no run"
     assert not (cwd / "wandb").exists(), "W&B wrote outside the run folder"
     config = json.loads((run_dir / "config.json").read_text())
@@ -86,12 +92,14 @@ def test_resume_continues_at_the_saved_iteration(trained_run):
     assert resumed["normalizer"]["count"].item() == saved["normalizer"]["count"].item() + 4 * 8
 
 
-def test_eval_prints_the_task_metrics(trained_run):
+def test_eval_prints_the_task_metrics(trained_run, rendering_problem):
     cwd, run_dir, _ = trained_run
-    out = run(["--device", "cpu", "--num-envs", "4", "--episode-length-s", "0.5", "--eval", "--capture-video",
-               "--video-length", "3", "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
+    video = [] if rendering_problem else ["--capture-video", "--video-length", "3"]
+    out = run(["--device", "cpu", "--num-envs", "4", "--episode-length-s", "0.5", "--eval", *video,
+               "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert (run_dir / "eval_video.mp4").stat().st_size > 1000 and (run_dir / "eval_video.json").exists()
+    if video:
+        assert (run_dir / "eval_video.mp4").stat().st_size > 1000 and (run_dir / "eval_video.json").exists()
     metrics = json.loads((run_dir / "eval.json").read_text())  # the metrics, not overwritten by the video's log
     for key in ("lin_vel_error", "lin_vel_error_steady", "yaw_rate_error", "fall_rate", "fall_rate_ci95_high",
                 "episode_length_s"):

@@ -72,7 +72,7 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
     plain = {k: [] for k in ("obs", "actions", "logprobs", "values", "rewards", "dones")}
     plain_gae = []
     with torch.no_grad():
-        for it in range(iterations):
+        for _it in range(iterations):
             for _ in range(T):
                 normalizer.update(next_obs)
                 obs = normalizer(next_obs)
