@@ -373,12 +373,20 @@ class BatchedSim:
                 self._substeps()
                 return
             if not self._stepped_once:
-                if str(self.device) not in _KERNELS_ANNOUNCED:
+                first = str(self.device) not in _KERNELS_ANNOUNCED
+                if first:
                     _KERNELS_ANNOUNCED.add(str(self.device))
-                    print(f"MuJoCo Warp: loading kernels for {self.device} (compiled once, then cached in "
-                          f"{wp.config.kernel_cache_dir}; a first run on a CPU takes about 30 s)", flush=True)
+                    print(f"MuJoCo Warp: compiling or loading its kernels for {self.device} (cached in "
+                          f"{wp.config.kernel_cache_dir}; the first time, minutes on a CPU)...", flush=True)
+                    t0 = time.time()
+                    if self.device.type == "cuda" and os.environ.get("MJW_PRELOAD", "1") != "0":
+                        # All of MuJoCo Warp's modules at once, compiled in parallel: launches would load them
+                        # one after another.
+                        wp.load_module(mjw, device=self.wp_device, recursive=True, max_workers=os.cpu_count())
                 self._substeps()
                 self._stepped_once = True
+                if first:
+                    print(f"MuJoCo Warp: kernels ready after {time.time() - t0:.1f} s", flush=True)
                 return
             if self._graph is None:
                 with wp.ScopedCapture(device=self.wp_device) as capture:

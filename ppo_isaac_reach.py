@@ -898,13 +898,14 @@ def main(args: Args) -> None:
         if stop.signal is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
             t0 = time.time()
             last_eval = evaluate(agent, normalizer, device, args, min(args.eval_envs, N))
-            eval_time += time.time() - t0
-            logger.scalars({**{f"eval/{k}": v for k, v in last_eval.items()}, "eval/wall_time": t0 - PROCESS_START},
-                           global_step)
+            logger.scalars({**{f"eval/{k}": v for k, v in last_eval.items()}, "eval/wall_time": t0 - PROCESS_START,
+                            "eval/wall_time_without_evals": t0 - PROCESS_START - eval_time}, global_step)
             print(f"  eval: success {last_eval['success_rate']:.3f} (95% CI {last_eval['success_rate_ci95_low']:.3f}-"
                   f"{last_eval['success_rate_ci95_high']:.3f}, {last_eval['targets']} targets) | hold err "
                   f"{last_eval['hold_error']:.4f} m | reach {last_eval['time_to_reach']:.2f} s | at "
-                  f"{ec.duration(t0 - PROCESS_START)}", flush=True)
+                  f"{ec.duration(t0 - PROCESS_START)} ({ec.duration(t0 - PROCESS_START - eval_time)} without evaluations)",
+                  flush=True)
+            eval_time += time.time() - t0
         if iteration % args.save_interval == 0 or last or stop.signal is not None:
             # Everything needed to go on exactly as if never stopped: the environments and every generator included.
             payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
