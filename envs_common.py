@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes.util
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -30,8 +31,27 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+
+class _LazyModule:
+    """A module imported on first use. torch, MuJoCo and Warp take seconds to import, and `--help` or a bad argument
+    needs none of them: the scripts read their command line first. `before` runs just before the import (MuJoCo's
+    OpenGL backend must be chosen before MuJoCo is imported), `after` just after."""
+
+    def __init__(self, name: str, before=None, after=None):
+        self._name, self._before, self._after, self._module = name, before, after, None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            if self._before is not None:
+                self._before()
+            self._module = importlib.import_module(self._name)
+            if self._after is not None:
+                self._after(self._module)
+        return getattr(self._module, attr)
+
+
+np = _LazyModule("numpy")
+torch = _LazyModule("torch")
 
 
 
@@ -84,23 +104,41 @@ def _pick_gl_backend() -> str | None:
 
 
 GL_REQUESTED = os.environ.get("MUJOCO_GL")  # the user's choice, which Renderer's errors name
-_GL_PROBLEM = _pick_gl_backend()
-try:
-    import mujoco
-except Exception as e:  # noqa: BLE001 - a library that is there but fails to load: import without rendering
-    _GL_PROBLEM = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} fails to load ({type(e).__name__}: {str(e)[:200]!r})"
-    os.environ["MUJOCO_GL"] = "disable"
-    import mujoco  # Python dropped the modules that failed; the rest are reused
-if _GL_PROBLEM is not None:  # put the user's setting back for child processes, which decide for themselves
-    if GL_REQUESTED is None:
-        os.environ.pop("MUJOCO_GL", None)
-    else:
-        os.environ["MUJOCO_GL"] = GL_REQUESTED
+_GL_PROBLEM = None
 
-import mujoco_warp as mjw  # noqa: E402
-import warp as wp  # noqa: E402
 
-wp.config.log_level = wp.LOG_WARNING  # keep Warp's per-kernel "Module ... load" lines out of the training log
+def _import_mujoco_with_a_working_backend() -> None:
+    """Choose MUJOCO_GL (see choose_gl_backend), then import MuJoCo; if its library is there but fails to load,
+    import it without rendering. Renderer's error says why rendering cannot work."""
+    global _GL_PROBLEM
+    _GL_PROBLEM = _pick_gl_backend()
+    try:
+        importlib.import_module("mujoco")
+    except Exception as e:  # noqa: BLE001 - a library that is there but fails to load: import without rendering
+        _GL_PROBLEM = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} fails to load ({type(e).__name__}: {str(e)[:200]!r})"
+        os.environ["MUJOCO_GL"] = "disable"
+        importlib.import_module("mujoco")  # Python dropped the modules that failed; the rest are reused
+    if _GL_PROBLEM is not None:  # put the user's setting back for child processes, which decide for themselves
+        if GL_REQUESTED is None:
+            os.environ.pop("MUJOCO_GL", None)
+        else:
+            os.environ["MUJOCO_GL"] = GL_REQUESTED
+
+
+def _quiet_warp(module) -> None:
+    module.config.log_level = module.LOG_WARNING  # keep Warp's per-kernel "Module ... load" lines out of the log
+
+
+mujoco = _LazyModule("mujoco", before=_import_mujoco_with_a_working_backend)
+mjw = _LazyModule("mujoco_warp", before=lambda: mujoco.MjModel)  # MuJoCo Warp imports MuJoCo: its backend first
+wp = _LazyModule("warp", after=_quiet_warp)
+
+
+def import_mujoco():
+    """MuJoCo, imported now with a working OpenGL backend (or none): for code that imports mujoco itself."""
+    mujoco.MjModel  # noqa: B018 - the attribute access imports it
+    return mujoco._module
+
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -207,9 +245,10 @@ def out_of_memory(error: BaseException) -> bool:
 # Buffer sizing: MuJoCo Warp preallocates contacts and constraint rows. Size them from the model so that they
 # cannot overflow, and flag an overflow per world if it happens anyway (never drop contacts silently).
 # ----------------------------------------------------------------------------------------------------------------
-_G = mujoco.mjtGeom
-# Most contacts MuJoCo's collision functions make for one pair of primitives (mjMAXCONPAIR is 50 at worst).
-_PAIR_MAX_CONTACTS = {
+def _pair_max_contacts() -> dict:
+    """Most contacts MuJoCo's collision functions make for one pair of primitives (mjMAXCONPAIR is 50 at worst)."""
+    _G = mujoco.mjtGeom
+    return {
     frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_SPHERE]): 1,
     frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CAPSULE]): 2,
     frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_BOX]): 4,
@@ -219,10 +258,14 @@ _PAIR_MAX_CONTACTS = {
     frozenset([_G.mjGEOM_SPHERE, _G.mjGEOM_CAPSULE]): 1,
     frozenset([_G.mjGEOM_CAPSULE]): 2,
     frozenset([_G.mjGEOM_BOX]): 8,
-}
-# Overflow bits that mean lost contacts or constraints; the solver's iteration-limit bits are not overflows.
-OVERFLOW_BITS = int(mjw.OverflowType.NEFC | mjw.OverflowType.NJMAX_NNZ | mjw.OverflowType.BROADPHASE
-                    | mjw.OverflowType.NARROWPHASE | mjw.OverflowType.CCD | mjw.OverflowType.NVMAX)
+    }
+
+
+def overflow_bits() -> int:
+    """MuJoCo Warp's overflow bits that mean lost contacts or constraints (its solver's iteration-limit bits are
+    not overflows)."""
+    o = mjw.OverflowType
+    return int(o.NEFC | o.NJMAX_NNZ | o.BROADPHASE | o.NARROWPHASE | o.CCD | o.NVMAX)
 
 
 def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
@@ -239,8 +282,9 @@ def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
                 if compatible and b1 != b2 and not (b1 == 0 and b2 == 0):
                     pairs.add((g1, g2))
         pairs |= {(min(g1, g2), max(g1, g2)) for g1, g2 in zip(mjm.pair_geom1, mjm.pair_geom2)}  # <pair>s
+        max_contacts = _pair_max_contacts()
         for g1, g2 in pairs:
-            n = _PAIR_MAX_CONTACTS.get(frozenset([mjm.geom_type[g1], mjm.geom_type[g2]]), 8)
+            n = max_contacts.get(frozenset([mjm.geom_type[g1], mjm.geom_type[g2]]), 8)
             condim = max(mjm.geom_condim[g1], mjm.geom_condim[g2])
             rows = 1 if condim == 1 else (2 * (condim - 1) if mjm.opt.cone == mujoco.mjtCone.mjCONE_PYRAMIDAL
                                           else condim)
@@ -340,6 +384,9 @@ class BatchedSim:
                                                         d.act) if a.size > 0]
         self._graph = None
         self._stepped_once = False
+        self._overflow_bits = overflow_bits()
+        # Warp's launches are not torch ops: torch.compile calls these as they are, untraced.
+        self.step, self._kinematics = torch.compiler.disable(self.step), torch.compiler.disable(self._kinematics)
 
         # Start every world at the first keyframe (else the model's qpos0) with its controls.
         key = 0 if mjm.nkey else None
@@ -359,7 +406,6 @@ class BatchedSim:
         if self.poses:
             mjw.kinematics(self.m, self.d)  # body poses of the new qpos (Isaac Gym: refresh_rigid_body_state_tensor)
 
-    @torch.compiler.disable  # Warp's launches are not torch ops: torch.compile calls this as it is
     def step(self) -> None:
         """Advance every world by `decimation` physics steps with the current `ctrl` (held: a zero-order hold).
 
@@ -422,7 +468,6 @@ class BatchedSim:
         if self.poses:
             self._kinematics()  # deterministic: untouched worlds get the very same poses back
 
-    @torch.compiler.disable
     def _kinematics(self):
         with wp.ScopedDevice(self.wp_device):
             mjw.kinematics(self.m, self.d)
@@ -450,7 +495,7 @@ class BatchedSim:
 
     def overflowed(self) -> torch.Tensor:
         """(N,) bool: worlds whose contact or constraint buffers overflowed since their last reset."""
-        return (self.overflow & OVERFLOW_BITS) != 0
+        return (self.overflow & self._overflow_bits) != 0
 
     def body_id(self, name: str) -> int:
         return self._id(mujoco.mjtObj.mjOBJ_BODY, name)
@@ -662,7 +707,7 @@ def check_range(args, name: str, lo: float | None = None, hi: float | None = Non
     value = getattr(args, name)
     if value is None:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (not integer or float(value).is_integer())
     ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
     ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
@@ -680,7 +725,7 @@ def check_pair(args, name: str, lo: float | None = None, integer: bool = False, 
     if pair is None:
         return
     a, b = pair
-    bad = not all(np.isfinite(v) and (not integer or float(v).is_integer()) and (lo is None or v >= lo) for v in pair)
+    bad = not all(math.isfinite(v) and (not integer or float(v).is_integer()) and (lo is None or v >= lo) for v in pair)
     if bad:
         raise UserError(f"{flag(name)} {a} {b}: both values must be finite{' integers' if integer else ''}"
                         + (f" of at least {lo:g}" if lo is not None else ""))
@@ -733,24 +778,39 @@ def check_common_args(args, num_obs_steps_hint: str = "") -> None:
                             "per minibatch and need at least 2; lower --num-minibatches or raise --num-envs")
 
 
-def parse_args(args_cls, script: str, task_fields: tuple[str, ...]):
-    """tyro's command line, with a checkpoint's arguments adopted.
+def read_command_line(args_cls, check_args):
+    """tyro's command line, checked by `check_args` before anything heavy is imported: `--help` and a bad argument
+    answer in about a second. Bad input: one `error:` line on stderr and exit code 2."""
+    import tyro
+
+    args = tyro.cli(args_cls)
+    try:
+        check_args(args)
+        if args.checkpoint and not os.path.isfile(args.checkpoint):
+            load_checkpoint(args.checkpoint, None, "")  # raises the missing file's or folder's UserError
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def adopt_checkpoint_args(args, args_cls, script: str, task_fields: tuple[str, ...]):
+    """The arguments with a checkpoint's adopted (none without --checkpoint).
 
     Resuming training (`--checkpoint PATH`): every argument comes from the checkpoint unless the command line sets
     it (a note names what differs), so the printed resume command resumes exactly. `--eval` and `--export`: the
     `task_fields` (what defines the policy's observations, actions and task) always come from the checkpoint.
-    Unreadable checkpoints raise UserError (see read_checkpoint_args)."""
+    Unreadable checkpoints raise UserError (see load_checkpoint)."""
     import tyro
 
-    args = tyro.cli(args_cls)
     if not args.checkpoint:
         return args
     saved = read_checkpoint_args(args.checkpoint, script)
     names = {f.name for f in dataclasses.fields(args_cls)}
     mode = {"checkpoint": args.checkpoint, "eval": args.eval, "export": args.export}
     if not (args.eval or args.export):
-        defaults = args_cls(**{**{k: v for k, v in saved.items() if k in names}, **mode})
-        resumed = tyro.cli(args_cls, default=defaults)
+        defaults = args_cls(**{**{k: _as_field(v) for k, v in saved.items() if k in names}, **mode})
+        resumed = tyro.cli(args_cls, default=defaults)  # what the command line sets wins
         for name in sorted(names - set(mode)):
             if name in saved and getattr(resumed, name) != _as_field(saved[name]):
                 print(f"note: {flag(name)} {getattr(resumed, name)} from the command line (the checkpoint has "
@@ -1005,13 +1065,12 @@ def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def run_main(main, args_cls, script: str, task_fields: tuple[str, ...]) -> None:
-    """Parse the command line (parse_args) and run main(args), turning bad input into one `error:` line on stderr
-    and exit code 2 (UserError, or the device running out of memory); any other exception is a bug and shows its
-    traceback."""
-    args = None
+def run_main(main, args, args_cls, script: str, task_fields: tuple[str, ...]) -> None:
+    """Adopt a checkpoint's arguments (adopt_checkpoint_args) and run main(args), turning bad input into one `error:`
+    line on stderr and exit code 2 (UserError, or the device running out of memory); any other exception is a bug
+    and shows its traceback."""
     try:
-        args = parse_args(args_cls, script, task_fields)
+        args = adopt_checkpoint_args(args, args_cls, script, task_fields)
         main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1019,8 +1078,8 @@ def run_main(main, args_cls, script: str, task_fields: tuple[str, ...]) -> None:
     except Exception as e:
         if not out_of_memory(e):
             raise
-        print(f"error: out of memory with --num-envs {getattr(args, 'num_envs', '?')} "
-              f"({str(e).splitlines()[0][:120]}): use a smaller --num-envs, e.g. half", file=sys.stderr)
+        print(f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a "
+              "smaller --num-envs, e.g. half", file=sys.stderr)
         sys.exit(2)
 
 
@@ -1063,16 +1122,19 @@ def gpu_speed_flags(args, device: torch.device) -> dict[str, bool]:
 # ----------------------------------------------------------------------------------------------------------------
 # Export: the policy with its normalizer, as TorchScript and ONNX
 # ----------------------------------------------------------------------------------------------------------------
-class DeployedPolicy(torch.nn.Module):
+def deployed_policy(normalizer, actor, clip: float):
     """Raw observation (batch, num_obs) -> action (batch, num_actions): the normalizer folded in, the actor's mean
-    (no sampling), clipped to [-clip, clip] as the environment clips it."""
+    (no sampling), clipped to [-clip, clip] as the environment clips it. A torch.nn.Module, for export_policy."""
 
-    def __init__(self, normalizer: torch.nn.Module, actor: torch.nn.Module, clip: float):
-        super().__init__()
-        self.normalizer, self.actor, self.clip = normalizer, actor, clip
+    class DeployedPolicy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalizer, self.actor = normalizer, actor
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.actor(self.normalizer(obs)).clamp(-self.clip, self.clip)
+        def forward(self, obs):
+            return self.actor(self.normalizer(obs)).clamp(-clip, clip)
+
+    return DeployedPolicy()
 
 
 def export_policy(policy: torch.nn.Module, num_obs: int, out_dir: Path) -> list[Path]:

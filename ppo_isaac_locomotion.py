@@ -25,15 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.distributions import Normal
-
 import envs_common as ec
 from envs_common import UserError
 
 SCRIPT = Path(__file__).stem
+POLICY_DT = 0.02  # s: a 50 Hz policy over go1.xml's 200 Hz physics, as legged_gym (sim dt 0.005 s, decimation 4)
 
 
 @dataclass
@@ -138,6 +134,27 @@ class Args:
     """episodes per environment in an evaluation"""
 
 
+def check_args(args: Args) -> None:
+    """Reject bad input before anything is created or written: UserError naming the flag and the fix."""
+    ec.check_common_args(args)
+    ec.check_range(args, "eval_episodes", 1, integer=True)
+    for name in ("episode_length_s", "command_resample_s"):
+        ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
+    for name in ("lin_vel_x_range", "lin_vel_y_range", "ang_vel_yaw_range"):
+        ec.check_pair(args, name)
+    ec.check_range(args, "action_scale", 0, lo_open=True)
+    ec.check_pair(args, "solver", lo=1, integer=True, ordered=False)
+
+
+if __name__ == "__main__":  # the command line first: --help and mistakes answer before torch, MuJoCo and Warp load
+    ARGS = ec.read_command_line(Args, check_args)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.distributions import Normal  # noqa: E402
+
+
 # ==================================================================================================================
 # The task: a Go1 tracking a commanded base velocity on flat ground
 # ==================================================================================================================
@@ -145,7 +162,6 @@ ASSET = "go1.xml"
 TRUNK = "trunk"
 FEET = ("FR_foot", "FL_foot", "RR_foot", "RL_foot")
 LEG_LINKS = tuple(f"{leg}_{part}" for leg in ("FR", "FL", "RR", "RL") for part in ("thigh", "calf"))
-DECIMATION = 4  # 200 Hz physics, 50 Hz policy, as legged_gym (sim dt 0.005 s, decimation 4)
 
 # Reward scales, per second of simulated time (each term is multiplied by its scale and by the policy step dt).
 # Values of legged_gym's LeggedRobotCfg and its A1 configuration unless noted.
@@ -208,10 +224,11 @@ class Go1Env:
         if cfg.solver is not None:  # read when the model goes to MuJoCo Warp
             mjm.opt.iterations, mjm.opt.ls_iterations = cfg.solver
         # Contact forces: for feet air time, collisions and falls. No body poses: nothing here reads them.
-        self.sim = s = ec.BatchedSim(mjm, num_envs, device, decimation=DECIMATION, contact_forces=True, poses=False)
+        decimation = max(1, round(POLICY_DT / mjm.opt.timestep))
+        self.sim = s = ec.BatchedSim(mjm, num_envs, device, decimation=decimation, contact_forces=True, poses=False)
         self.num_actions = nu = mjm.nu
         self.num_obs = 12 + 3 * nu
-        self.dt = mjm.opt.timestep * DECIMATION
+        self.dt = mjm.opt.timestep * decimation
         self.max_episode_length = int(round(cfg.episode_length_s / self.dt))
         self.resample_steps = max(1, int(round(cfg.command_resample_s / self.dt)))
         # Views into the simulator (Isaac Gym: the root state tensor and the DOF state tensor).
@@ -456,19 +473,6 @@ class Go1Env:
 
     def _reward_termination(self):
         return self.terminated.float()
-
-
-def check_args(args: Args) -> None:
-    """Reject bad input before anything is created or written: UserError naming the flag and the fix."""
-    ec.check_common_args(args)
-    ec.check_range(args, "eval_episodes", 1, integer=True)
-    dt = 0.005 * DECIMATION  # go1.xml's timestep: a time must hold at least one policy step
-    for name in ("episode_length_s", "command_resample_s"):
-        ec.check_range(args, name, dt, hint=f"at least one policy step ({dt} s)")
-    for name in ("lin_vel_x_range", "lin_vel_y_range", "ang_vel_yaw_range"):
-        ec.check_pair(args, name)
-    ec.check_range(args, "action_scale", 0, lo_open=True)
-    ec.check_pair(args, "solver", lo=1, integer=True, ordered=False)
 
 
 # ==================================================================================================================
@@ -778,7 +782,7 @@ def main(args: Args) -> None:
 
     if args.export:
         out_dir = ec.run_dir_of(args.checkpoint) / "export"
-        for path in ec.export_policy(ec.DeployedPolicy(normalizer, agent.actor, clip=100.0), env.num_obs, out_dir):
+        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=100.0), env.num_obs, out_dir):
             print(f"wrote {path}")
         return
     if args.eval:
@@ -943,4 +947,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    ec.run_main(main, Args, SCRIPT, TASK_ARGS)
+    ec.run_main(main, ARGS, Args, SCRIPT, TASK_ARGS)

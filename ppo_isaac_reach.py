@@ -25,15 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.distributions import Normal
-
 import envs_common as ec
 from envs_common import UserError
 
 SCRIPT = Path(__file__).stem
+POLICY_DT = 0.02  # s: a 50 Hz policy over panda.xml's 200 Hz physics (Isaac Lab's reach: 60 Hz; legged_gym: 50 Hz)
+CONTROL_TYPES = ("torque", "position", "position_delta")
 
 
 @dataclass
@@ -136,13 +133,36 @@ class Args:
     """episodes per environment in an evaluation"""
 
 
+def check_args(args: Args) -> None:
+    """Reject bad input before anything is created or written: UserError naming the flag and the fix."""
+    ec.check_common_args(args)
+    ec.check_range(args, "eval_episodes", 1, integer=True)
+    if args.control_type not in CONTROL_TYPES:
+        raise UserError(f"unknown --control-type {args.control_type!r}: use torque, position or position_delta")
+    ec.check_range(args, "max_delta", 0, lo_open=True)
+    for name in ("episode_length_s", "target_hold_s", "success_window_s"):
+        ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
+    if args.success_window_s > args.target_hold_s:
+        raise UserError(f"--success-window-s {args.success_window_s} is longer than --target-hold-s "
+                        f"{args.target_hold_s}: the window is the end of the hold")
+    ec.check_range(args, "success_threshold", 0, lo_open=True)
+    ec.check_range(args, "reset_noise", 0)
+
+
+if __name__ == "__main__":  # the command line first: --help and mistakes answer before torch, MuJoCo and Warp load
+    ARGS = ec.read_command_line(Args, check_args)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.distributions import Normal  # noqa: E402
+
+
 # ==================================================================================================================
 # The task: a 7-joint arm holding its end-effector on targets sampled in a reachable box
 # ==================================================================================================================
 ASSET = "panda.xml"
 EE_SITE, TARGET_BODY = "ee", "target"
-CONTROL_TYPES = ("torque", "position", "position_delta")
-POLICY_DT = 0.02  # a 50 Hz policy over the asset's 200 Hz physics (Isaac Lab's reach: 60 Hz; legged_gym: 50 Hz)
 
 # Reward terms, per policy step (no dt factor). They follow Isaac Lab's reach task (reach_env_cfg.py:
 # position_tracking -0.2 * d, position_tracking_fine_grained 0.1 * (1 - tanh(d / 0.1)), action_rate -1e-4,
@@ -447,22 +467,6 @@ class ReachEnv:
 
     def _reward_joint_vel(self):
         return self.dof_vel.square().sum(dim=1)
-
-
-def check_args(args: Args) -> None:
-    """Reject bad input before anything is created or written: UserError naming the flag and the fix."""
-    ec.check_common_args(args)
-    ec.check_range(args, "eval_episodes", 1, integer=True)
-    if args.control_type not in CONTROL_TYPES:
-        raise UserError(f"unknown --control-type {args.control_type!r}: use torque, position or position_delta")
-    ec.check_range(args, "max_delta", 0, lo_open=True)
-    for name in ("episode_length_s", "target_hold_s", "success_window_s"):
-        ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
-    if args.success_window_s > args.target_hold_s:
-        raise UserError(f"--success-window-s {args.success_window_s} is longer than --target-hold-s "
-                        f"{args.target_hold_s}: the window is the end of the hold")
-    ec.check_range(args, "success_threshold", 0, lo_open=True)
-    ec.check_range(args, "reset_noise", 0)
 
 
 # ==================================================================================================================
@@ -773,7 +777,7 @@ def main(args: Args) -> None:
 
     if args.export:
         out_dir = ec.run_dir_of(args.checkpoint) / "export"
-        for path in ec.export_policy(ec.DeployedPolicy(normalizer, agent.actor, clip=1.0), env.num_obs, out_dir):
+        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=1.0), env.num_obs, out_dir):
             print(f"wrote {path}")
         return
     if args.eval:
@@ -938,4 +942,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    ec.run_main(main, Args, SCRIPT, TASK_ARGS)
+    ec.run_main(main, ARGS, Args, SCRIPT, TASK_ARGS)
