@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs_common as ec  # noqa: E402
 
-TASKS = {"locomotion": ("ppo_isaac_locomotion", "Go1Env"), "reach": ("ppo_isaac_reach", "ReachEnv")}
+TASKS = {"locomotion": ("ppo_isaac_locomotion", "Go1Env", "Go1Config"),
+         "reach": ("ppo_isaac_reach", "ReachEnv", "ReachConfig")}
 
 
 def sync(device):
@@ -53,37 +54,49 @@ def timed(fn, repeats: int, device) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
+def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict:
     args = script.Args(num_envs=num_envs, num_iterations=opts.iterations, device=str(device), seed=opts.seed,
-                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, bf16=opts.bf16,
-                       compile=opts.compile and device.type == "cuda",
+                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, bf16=opts.bf16, compile=opts.compile,
                        **dict(opts.script_args))
     script.check_args(args)
+    ec.gpu_speed_flags(args, device)  # as the scripts' main(): compile, cudagraphs, TF32 and bf16 off on the CPU
     ec.seed_everything(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # as the scripts' main()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    env = env_cls(num_envs, device, args)
+    env = env_cls(num_envs, device, config_cls.from_args(args))
     T = args.num_steps
 
     # Physics only at the start: every robot at its home pose, its controls held (cheap: few contacts, a solver
     # that converges in an iteration or two).
     physics_start_s = timed(env.sim.step, opts.physics_steps, device)  # one call = one environment step
 
-    # The script's own pieces, as its main() builds them.
-    agent = script.ActorCritic(env_cls.num_obs, env_cls.num_actions, args.init_noise_std).to(device)
-    agent.bf16 = args.bf16 and device.type == "cuda"
-    normalizer = script.ObservationNormalizer(env_cls.num_obs, clip=args.obs_clip).to(device)
+    # The script's own pieces, built and wired as its main() does.
+    agent = script.ActorCritic(env.num_obs, env.num_actions, args.init_noise_std, bf16=args.bf16).to(device)
+    normalizer = script.ObservationNormalizer(env.num_obs, clip=args.obs_clip).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
-                                 fused=device.type == "cuda", capturable=device.type == "cuda" and args.cudagraphs)
-    storage = script.RolloutStorage.allocate(T, num_envs, env_cls.num_obs, env_cls.num_actions, device)
+                                 fused=device.type == "cuda", capturable=args.cudagraphs)
+    storage = script.RolloutStorage.allocate(T, num_envs, env.num_obs, env.num_actions, device)
     storage.next_obs.copy_(env.reset())
     env.desynchronize()
-    rollout_step = script.make_rollout_step(env, agent, normalizer, storage, args)
-    run_rollout_step = ec.cuda_graphed(rollout_step, device) if args.cudagraphs else rollout_step
-    finish_rollout = script.make_finish_rollout(agent, normalizer, storage, args)
-    run_finish_rollout = ec.cuda_graphed(finish_rollout, device) if args.cudagraphs else finish_rollout
-    ppo_update = script.make_ppo_update(agent, optimizer, storage, args)
+    batch_size = T * num_envs
+    minibatch_size = batch_size // args.num_minibatches
+    mb = torch.zeros(minibatch_size, dtype=torch.long, device=device)
+    update_stats = torch.zeros(6, device=device)
+
+    # ---- main()'s speed block, line for line ----
+    if args.compile:
+        # Each size compiles afresh, as in a training run (one process, one size): torch.compile would otherwise
+        # keep every earlier size's compiled code and, past its limit of recompilations, run later sizes eager.
+        torch._dynamo.reset()
+    step_fn = torch.compile(script.rollout_step, dynamic=False) if args.compile else script.rollout_step
+    loss_fn = torch.compile(script.ppo_loss, dynamic=False) if args.compile else script.ppo_loss
+    if args.compile:
+        torch._inductor.config.fallback_random = True
+    graphed = ec.cuda_graphed if args.cudagraphs else (lambda fn, _device: fn)
+    run_rollout_step = graphed(lambda: step_fn(env, agent, normalizer, storage), device)
+    run_finish_rollout = graphed(lambda: script.finish_rollout(agent, normalizer, storage, args), device)
+    run_minibatch_update = graphed(
+        lambda: script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device)
 
     def rollout():
         storage.step.zero_()
@@ -92,8 +105,18 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
         run_finish_rollout()
 
     def update():
-        losses = ppo_update()
-        torch.stack(list(losses.values())).tolist()  # the loop's one host sync per iteration
+        # main()'s update and its one host sync per iteration (the losses, the non-finite guard's flag)
+        update_stats.zero_()
+        for _epoch in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb.copy_(perm[start : start + minibatch_size])
+                run_minibatch_update()
+        nonfinite = ec.nonfinite_tensors({"agent": agent, "normalizer": normalizer})
+        explained_var = 1 - (storage.returns - storage.values).var() / storage.returns.var().clamp(min=1e-8)
+        torch.cat([update_stats / (args.update_epochs * args.num_minibatches), explained_var[None],
+                   agent.actor_logstd.exp().mean()[None], optimizer.param_groups[0]["lr"].view(1),
+                   nonfinite.float()[None]]).tolist()
 
     # Full PPO iterations, timed per phase as the scripts' loop does. The first two compile (with --compile),
     # record the CUDA graphs and load kernels; the fastest of the others is the least disturbed.
@@ -224,9 +247,9 @@ def main():
             return mjm
 
         ec.load_model = load_model_with_solver
-    module_name, env_name = TASKS[opts.task]
+    module_name, env_name, config_name = TASKS[opts.task]
     script = importlib.import_module(module_name)
-    env_cls = getattr(script, env_name)
+    env_cls, config_cls = getattr(script, env_name), getattr(script, config_name)
     try:
         device = ec.resolve_device(opts.device)
     except ec.UserError as e:
@@ -245,7 +268,7 @@ def main():
     t_start = time.time()
     for n in opts.num_envs:
         try:
-            row = bench_size(script, env_cls, n, device, opts)
+            row = bench_size(script, env_cls, config_cls, n, device, opts)
         except torch.OutOfMemoryError:
             print(f"{n:>7} | out of GPU memory: stopping here", flush=True)
             break

@@ -101,7 +101,7 @@ def test_end_to_end_writes_logs_and_checkpoints(trained_run):
                             "last_rollouts"}
     assert summary["iteration"] == 2 and summary["global_step"] == 2 * 4 * 8 and summary["last_eval"] == {}
     assert 0.0 < summary["last_rollouts"]["mean_distance"] < 2.0
-    assert 0.0 < summary["eval_and_video_time_s"] < summary["wall_time_s"]
+    assert 0.0 <= summary["eval_and_video_time_s"] < summary["wall_time_s"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = set(EventAccumulator(str(run_dir)).Reload().Tags()["scalars"])
     for tag in ["charts/SPS", "charts/learning_rate", "charts/action_std", "charts/episodic_return",
@@ -135,8 +135,9 @@ def test_resume_continues_at_the_saved_iteration(trained_run):
     assert "iter     3/3" in out.stdout and "iter     1/" not in out.stdout
     resumed = torch.load(run_dir / "checkpoints" / "ckpt_000003.pt", weights_only=False)
     assert resumed["iteration"] == 3 and resumed["global_step"] == saved["global_step"] + 4 * 8
-    assert {k: v for k, v in resumed["args"].items() if k != "num_iterations"} == \
-        {k: v for k, v in saved["args"].items() if k != "num_iterations"}, "an argument was not adopted"
+    changed = {"num_iterations", "checkpoint"}
+    assert {k: v for k, v in resumed["args"].items() if k not in changed} == \
+        {k: v for k, v in saved["args"].items() if k not in changed}, "an argument was not adopted"
     # The normalizer went on from the saved statistics: its count grew by exactly one rollout.
     assert resumed["normalizer"]["count"].item() == saved["normalizer"]["count"].item() + 4 * 8
 
@@ -203,7 +204,37 @@ def test_export_matches_the_scripts_own_policy(trained_run):
 # ---------------------------------------------------------------------------------------------------------------
 # A real learning test
 # ---------------------------------------------------------------------------------------------------------------
-LEARN_PLACEHOLDER = True
+LEARN = ["--device", "cpu", "--num-envs", "128", "--num-iterations", "50", "--eval-interval", "50",
+         "--eval-envs", "128", "--eval-episodes", "2", "--save-interval", "1000"]
+LEARN_HANG_GUARD_S = 1500  # not a bound: the work is fixed by LEARN, however long a busy machine takes over it
+# The bars, on the final deterministic evaluation (128 arms x 2 episodes of 5 s: 512 targets of 2.5 s each). An
+# untrained policy outputs ~0, so its arms hold still: success rate 0, hold error 0.345 m, mean distance 0.345 m.
+# Measured with LEARN (seeds 1, 2, 3, CPU, 2026-11-30): success rate 0.68, 0.44, 0.79; hold error 0.032, 0.024,
+# 0.014 m; mean distance 0.049, 0.049, 0.042 m.
+SUCCESS_BAR, HOLD_ERROR_BAR, MEAN_DISTANCE_BAR = 0.2, 0.06, 0.1
+
+
+@pytest.mark.slow
+def test_ppo_learns_to_reach(tmp_path):
+    """position_delta control, 128 environments x 50 iterations x 24 steps (154k environment steps) on the CPU: about
+    1.5 min alone, 4 to 8 min on a loaded 2-core machine. Bar: the deterministic policy holds the end-effector within
+    2 cm over the last 0.5 s of more than SUCCESS_BAR of its targets, with a hold error and a mean distance to the
+    targets under a fifth and under a third of the still arm's. Broken PPO (e.g. the policy loss's sign flipped), a
+    broken reward or broken observations fail this."""
+    t0 = time.time()
+    out = run(LEARN, tmp_path, timeout=LEARN_HANG_GUARD_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    ev = summary["last_eval"]
+    print(f"success {ev['success_rate']:.3f} (95% CI {ev['success_rate_ci95_low']:.3f}-"
+          f"{ev['success_rate_ci95_high']:.3f}), hold error {ev['hold_error']:.4f} m, mean distance "
+          f"{ev['mean_distance']:.4f} m, reached {ev['reached_rate']:.3f}, wall {time.time() - t0:.0f} s")
+    assert summary["iteration"] == 50 and summary["global_step"] == 50 * 128 * 24
+    assert ev["targets"] == 512 and ev["censored_targets"] == 0, ev
+    assert ev["success_rate"] > SUCCESS_BAR, out.stdout
+    assert ev["hold_error"] < HOLD_ERROR_BAR, out.stdout
+    assert ev["mean_distance"] < MEAN_DISTANCE_BAR, out.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
