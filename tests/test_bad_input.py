@@ -45,7 +45,8 @@ CASES = [
 ]
 LOCOMOTION_ONLY = [("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"])]
 REACH_ONLY = [("unknown-control-type", [*CPU, "--control-type", "velocity"], {},
-               ["--control-type", "torque, position or position_delta"])]
+               ["--control-type", "torque, position or position_delta"]),
+              ("max-delta-above-one", [*CPU, "--max-delta", "2"], {}, ["--max-delta", "at most 1"])]
 ALL = ([(s, *c) for s in SCRIPTS for c in CASES] + [("locomotion", *c) for c in LOCOMOTION_ONLY]
        + [("reach", *c) for c in REACH_ONLY])
 
