@@ -1,8 +1,10 @@
-"""Shared simulation helpers for the ppo_isaac_*.py scripts: MuJoCo Warp in the role of Isaac Gym.
+"""Shared helpers for the ppo_isaac_*.py scripts: MuJoCo Warp in the role of Isaac Gym, and the plumbing of a run.
 
-What lives here, and nothing else: creating a batched simulation and its zero-copy torch views, stepping it
-(its sub-steps recorded once as a graph and replayed), resetting a subset of worlds in place, quaternion math,
-rendering, and seeding. Tasks, rewards, policies and PPO live in the scripts, each readable on its own.
+What lives here is everything that is not the lesson: the batched simulation and its zero-copy torch views (its
+sub-steps recorded once as a graph and replayed), resets of a subset of worlds in place, CUDA graphs, quaternion
+math, rendering and video, seeding and devices; and the run's plumbing: argument domains and a checkpoint's
+arguments, checkpoints, run folders and loggers (TensorBoard, W&B), signals, progress, export. Tasks, rewards,
+policies and PPO live in the scripts, each readable on its own.
 
 Conventions, stated once:
 - Quaternions are MuJoCo's (w, x, y, z), scalar first. (Isaac Gym's are (x, y, z, w).)
@@ -16,37 +18,127 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import dataclasses
+import importlib
+import json
+import math
 import os
+import platform
 import random
+import secrets
+import signal
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-import torch
+
+class _LazyModule:
+    """A module imported on first use. torch, MuJoCo and Warp take seconds to import, and `--help` or a bad argument
+    needs none of them: the scripts read their command line first. `before` runs just before the import (MuJoCo's
+    OpenGL backend must be chosen before MuJoCo is imported), `after` just after."""
+
+    def __init__(self, name: str, before=None, after=None):
+        self._name, self._before, self._after, self._module = name, before, after, None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            if self._before is not None:
+                self._before()
+            self._module = importlib.import_module(self._name)
+            if self._after is not None:
+                self._after(self._module)
+        return getattr(self._module, attr)
+
+
+np = _LazyModule("numpy")
+torch = _LazyModule("torch")
 
 
 
-def _pick_gl_backend() -> None:
-    """MuJoCo picks its OpenGL backend when first imported: EGL on a GPU machine, OSMesa on a CPU one. A backend
-    whose library is missing would break `import mujoco` itself, so without one rendering is disabled and
-    Renderer() says what to install."""
-    if "MUJOCO_GL" in os.environ or sys.platform == "darwin":  # the user's choice; macOS has its own (CGL)
-        return
-    order = [("egl", "EGL"), ("osmesa", "OSMesa")] if torch.cuda.is_available() else [("osmesa", "OSMesa"), ("egl", "EGL")]
-    for backend, library in order:
-        if ctypes.util.find_library(library):
-            os.environ["MUJOCO_GL"] = backend
-            return
-    os.environ["MUJOCO_GL"] = "disable"
+# MuJoCo's headless OpenGL backends on Linux: the library each loads and the Debian/Ubuntu package that has it.
+GL_LIBRARIES = {"egl": ("EGL", "libegl1"), "osmesa": ("OSMesa", "libosmesa6")}
+_GL_OFF = ("disable", "disabled", "off", "false", "0")
+# The other names MuJoCo accepts on each platform (on Linux all of them mean GLFW, which needs a display).
+_GL_OTHERS = {"Linux": ("glfw", "glx", "enable", "enabled", "on", "true", "1"), "Darwin": ("glfw", "cgl"),
+              "Windows": ("glfw", "wgl")}
 
 
-_pick_gl_backend()
+def choose_gl_backend(requested: str | None, system: str, gpu: bool,
+                      find_library=ctypes.util.find_library) -> tuple[str | None, str | None]:
+    """The MUJOCO_GL value to import MuJoCo with (None: leave it unset), and why rendering cannot work (None: it may).
 
-import mujoco  # noqa: E402
-import mujoco_warp as mjw  # noqa: E402
-import warp as wp  # noqa: E402
+    `requested` is the user's MUJOCO_GL (None or "": unset), `system` is platform.system(), `gpu` whether torch sees
+    a GPU, and `find_library` looks a library up by name as ctypes.util.find_library does (tests pass a fake one).
+    MuJoCo loads the backend's library when first imported, and a missing library or an unknown name breaks
+    `import mujoco` itself; such a request becomes "disable", so that training, evaluation and export still run and
+    only Renderer fails, with the returned reason. Unset on Linux: EGL on a GPU machine, OSMesa on a CPU one,
+    whichever library is present."""
+    name = (requested or "").strip().lower()
+    if not name:
+        if system != "Linux":
+            return requested, None  # macOS and Windows have their own backend (CGL, WGL)
+        for backend in ("egl", "osmesa") if gpu else ("osmesa", "egl"):
+            if find_library(GL_LIBRARIES[backend][0]):
+                return backend, None
+        return "disable", ("MUJOCO_GL is not set and neither libEGL nor libOSMesa is installed (Debian/Ubuntu: "
+                           "apt-get install libegl1 on a GPU machine, libosmesa6 on a CPU one)")
+    if name in _GL_OFF:
+        return requested, f"MUJOCO_GL={requested} turns rendering off"
+    if system == "Linux" and name in GL_LIBRARIES:
+        library, package = GL_LIBRARIES[name]
+        if find_library(library):
+            return requested, None
+        return "disable", (f"MUJOCO_GL={requested} needs lib{library}, which is not installed "
+                           f"(Debian/Ubuntu: apt-get install {package})")
+    if name in _GL_OTHERS.get(system, ()):
+        return requested, None  # GLFW comes inside its Python package; a missing display shows in Renderer
+    return "disable", f"MUJOCO_GL={requested} is not a backend MuJoCo knows (on Linux: egl, osmesa or glfw)"
 
-wp.config.log_level = wp.LOG_WARNING  # keep Warp's per-kernel "Module ... load" lines out of the training log
+
+def _pick_gl_backend() -> str | None:
+    """Set MUJOCO_GL for MuJoCo's import (see choose_gl_backend); return why rendering cannot work, or None."""
+    backend, problem = choose_gl_backend(GL_REQUESTED, platform.system(), torch.cuda.is_available())
+    if backend is not None:
+        os.environ["MUJOCO_GL"] = backend
+    return problem
+
+
+GL_REQUESTED = os.environ.get("MUJOCO_GL")  # the user's choice, which Renderer's errors name
+_GL_PROBLEM = None
+
+
+def _import_mujoco_with_a_working_backend() -> None:
+    """Choose MUJOCO_GL (see choose_gl_backend), then import MuJoCo; if its library is there but fails to load,
+    import it without rendering. Renderer's error says why rendering cannot work."""
+    global _GL_PROBLEM
+    _GL_PROBLEM = _pick_gl_backend()
+    try:
+        importlib.import_module("mujoco")
+    except Exception as e:  # noqa: BLE001 - a library that is there but fails to load: import without rendering
+        _GL_PROBLEM = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} fails to load ({type(e).__name__}: {str(e)[:200]!r})"
+        os.environ["MUJOCO_GL"] = "disable"
+        importlib.import_module("mujoco")  # Python dropped the modules that failed; the rest are reused
+    if _GL_PROBLEM is not None:  # put the user's setting back for child processes, which decide for themselves
+        if GL_REQUESTED is None:
+            os.environ.pop("MUJOCO_GL", None)
+        else:
+            os.environ["MUJOCO_GL"] = GL_REQUESTED
+
+
+def _quiet_warp(module) -> None:
+    module.config.log_level = module.LOG_WARNING  # keep Warp's per-kernel "Module ... load" lines out of the log
+
+
+mujoco = _LazyModule("mujoco", before=_import_mujoco_with_a_working_backend)
+mjw = _LazyModule("mujoco_warp", before=lambda: mujoco.MjModel)  # MuJoCo Warp imports MuJoCo: its backend first
+wp = _LazyModule("warp", after=_quiet_warp)
+
+
+def import_mujoco():
+    """MuJoCo, imported now with a working OpenGL backend (or none): for code that imports mujoco itself."""
+    mujoco.MjModel  # noqa: B018 - the attribute access imports it
+    return mujoco._module
+
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -153,9 +245,10 @@ def out_of_memory(error: BaseException) -> bool:
 # Buffer sizing: MuJoCo Warp preallocates contacts and constraint rows. Size them from the model so that they
 # cannot overflow, and flag an overflow per world if it happens anyway (never drop contacts silently).
 # ----------------------------------------------------------------------------------------------------------------
-_G = mujoco.mjtGeom
-# Most contacts MuJoCo's collision functions make for one pair of primitives (mjMAXCONPAIR is 50 at worst).
-_PAIR_MAX_CONTACTS = {
+def _pair_max_contacts() -> dict:
+    """Most contacts MuJoCo's collision functions make for one pair of primitives (mjMAXCONPAIR is 50 at worst)."""
+    _G = mujoco.mjtGeom
+    return {
     frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_SPHERE]): 1,
     frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CAPSULE]): 2,
     frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_BOX]): 4,
@@ -165,10 +258,14 @@ _PAIR_MAX_CONTACTS = {
     frozenset([_G.mjGEOM_SPHERE, _G.mjGEOM_CAPSULE]): 1,
     frozenset([_G.mjGEOM_CAPSULE]): 2,
     frozenset([_G.mjGEOM_BOX]): 8,
-}
-# Overflow bits that mean lost contacts or constraints; the solver's iteration-limit bits are not overflows.
-OVERFLOW_BITS = int(mjw.OverflowType.NEFC | mjw.OverflowType.NJMAX_NNZ | mjw.OverflowType.BROADPHASE
-                    | mjw.OverflowType.NARROWPHASE | mjw.OverflowType.CCD | mjw.OverflowType.NVMAX)
+    }
+
+
+def overflow_bits() -> int:
+    """MuJoCo Warp's overflow bits that mean lost contacts or constraints (its solver's iteration-limit bits are
+    not overflows)."""
+    o = mjw.OverflowType
+    return int(o.NEFC | o.NJMAX_NNZ | o.BROADPHASE | o.NARROWPHASE | o.CCD | o.NVMAX)
 
 
 def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
@@ -185,8 +282,9 @@ def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
                 if compatible and b1 != b2 and not (b1 == 0 and b2 == 0):
                     pairs.add((g1, g2))
         pairs |= {(min(g1, g2), max(g1, g2)) for g1, g2 in zip(mjm.pair_geom1, mjm.pair_geom2)}  # <pair>s
+        max_contacts = _pair_max_contacts()
         for g1, g2 in pairs:
-            n = _PAIR_MAX_CONTACTS.get(frozenset([mjm.geom_type[g1], mjm.geom_type[g2]]), 8)
+            n = max_contacts.get(frozenset([mjm.geom_type[g1], mjm.geom_type[g2]]), 8)
             condim = max(mjm.geom_condim[g1], mjm.geom_condim[g2])
             rows = 1 if condim == 1 else (2 * (condim - 1) if mjm.opt.cone == mujoco.mjtCone.mjCONE_PYRAMIDAL
                                           else condim)
@@ -286,6 +384,9 @@ class BatchedSim:
                                                         d.act) if a.size > 0]
         self._graph = None
         self._stepped_once = False
+        self._overflow_bits = overflow_bits()
+        # Warp's launches are not torch ops: torch.compile calls these as they are, untraced.
+        self.step, self._kinematics = torch.compiler.disable(self.step), torch.compiler.disable(self._kinematics)
 
         # Start every world at the first keyframe (else the model's qpos0) with its controls.
         key = 0 if mjm.nkey else None
@@ -305,7 +406,6 @@ class BatchedSim:
         if self.poses:
             mjw.kinematics(self.m, self.d)  # body poses of the new qpos (Isaac Gym: refresh_rigid_body_state_tensor)
 
-    @torch.compiler.disable  # Warp's launches are not torch ops: torch.compile calls this as it is
     def step(self) -> None:
         """Advance every world by `decimation` physics steps with the current `ctrl` (held: a zero-order hold).
 
@@ -319,12 +419,20 @@ class BatchedSim:
                 self._substeps()
                 return
             if not self._stepped_once:
-                if str(self.device) not in _KERNELS_ANNOUNCED:
+                first = str(self.device) not in _KERNELS_ANNOUNCED
+                if first:
                     _KERNELS_ANNOUNCED.add(str(self.device))
-                    print(f"MuJoCo Warp: loading kernels for {self.device} (compiled once, then cached in "
-                          f"{wp.config.kernel_cache_dir}; a first run on a CPU takes about 30 s)", flush=True)
+                    print(f"MuJoCo Warp: compiling or loading its kernels for {self.device} (cached in "
+                          f"{wp.config.kernel_cache_dir}; the first time, minutes on a CPU)...", flush=True)
+                    t0 = time.time()
+                    if self.device.type == "cuda" and os.environ.get("MJW_PRELOAD", "1") != "0":
+                        # All of MuJoCo Warp's modules at once, compiled in parallel: launches would load them
+                        # one after another.
+                        wp.load_module(mjw, device=self.wp_device, recursive=True, max_workers=os.cpu_count())
                 self._substeps()
                 self._stepped_once = True
+                if first:
+                    print(f"MuJoCo Warp: kernels ready after {time.time() - t0:.1f} s", flush=True)
                 return
             if self._graph is None:
                 with wp.ScopedCapture(device=self.wp_device) as capture:
@@ -360,7 +468,6 @@ class BatchedSim:
         if self.poses:
             self._kinematics()  # deterministic: untouched worlds get the very same poses back
 
-    @torch.compiler.disable
     def _kinematics(self):
         with wp.ScopedDevice(self.wp_device):
             mjw.kinematics(self.m, self.d)
@@ -388,7 +495,7 @@ class BatchedSim:
 
     def overflowed(self) -> torch.Tensor:
         """(N,) bool: worlds whose contact or constraint buffers overflowed since their last reset."""
-        return (self.overflow & OVERFLOW_BITS) != 0
+        return (self.overflow & self._overflow_bits) != 0
 
     def body_id(self, name: str) -> int:
         return self._id(mujoco.mjtObj.mjOBJ_BODY, name)
@@ -508,15 +615,19 @@ class Renderer:
 
     def __init__(self, sim: BatchedSim, width: int = 640, height: int = 480, camera: str | int = -1):
         self.sim, self.camera = sim, camera
+        fix = ("set MUJOCO_GL=egl on a GPU machine (Debian/Ubuntu: apt-get install libegl1) or MUJOCO_GL=osmesa on "
+               "a CPU one (apt-get install libosmesa6), or run without --capture-video")
+        if _GL_PROBLEM is not None:  # known since import: MuJoCo was imported without rendering
+            raise UserError(f"no OpenGL rendering backend works here: {_GL_PROBLEM}. To render, {fix}")
         try:
             self._renderer = mujoco.Renderer(sim.mjm, height=height, width=width)
-        except Exception as e:  # noqa: BLE001 - every backend failure means the same fix
-            backend = os.environ.get("MUJOCO_GL", "default")
-            raise UserError(
-                f"no OpenGL rendering backend works here (MUJOCO_GL={backend}: {str(e).splitlines()[0]}). "
-                "On a GPU machine set MUJOCO_GL=egl (needs libegl1); on a CPU machine set MUJOCO_GL=osmesa and "
-                "install OSMesa (Debian/Ubuntu: apt-get install libosmesa6); or run without --capture-video"
-            ) from None
+        except Exception as e:  # noqa: BLE001 - the library loads but makes no context (no driver, no display)
+            backend = GL_REQUESTED or os.environ.get("MUJOCO_GL")
+            setting = f"MUJOCO_GL={backend}" if backend else "MUJOCO_GL unset"
+            if platform.system() == "Linux" and (backend or "").strip().lower() in _GL_OTHERS["Linux"]:
+                setting += ", a window through GLFW, which needs a display"
+            raise UserError(f"no OpenGL rendering backend works here ({setting}: {str(e).splitlines()[0]}). "
+                            f"To render, {fix}") from None
         self._data = mujoco.MjData(sim.mjm)
 
     @staticmethod
@@ -538,6 +649,12 @@ class Renderer:
     def close(self):
         self._renderer.close()
 
+    def __enter__(self) -> Renderer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class _TinySim:
     """The least a Renderer needs: a model (an empty world)."""
@@ -546,14 +663,525 @@ class _TinySim:
         self.mjm = mujoco.MjModel.from_xml_string("<mujoco/>")
 
 
+def draw_gauges(frame: np.ndarray, commanded, actual, span: float) -> np.ndarray:
+    """A copy of an (H, W, 3) uint8 frame with one horizontal gauge per value at its top, from -span to span:
+    a green mark for the commanded value, a red one for the actual value. Plain NumPy: no font or GUI toolkit."""
+    frame = frame.copy()
+    _, w, _ = frame.shape
+    for row, (c, a) in enumerate(zip(commanded, actual)):
+        y = 8 + row * 14
+        frame[y : y + 8, 10 : w - 10] = 40
+        frame[y : y + 8, w // 2] = 255
+        for value, color in ((c, (0, 220, 0)), (a, (230, 30, 30))):
+            x = int(w / 2 + np.clip(value / span, -1, 1) * (w / 2 - 12))
+            frame[y : y + 8, max(x - 2, 0) : x + 2] = color
+    return frame
+
+
 def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: float) -> None:
     """Write frames as an H.264 mp4 (through imageio's bundled ffmpeg); a temporary file then a rename, so a
     killed run never leaves a truncated video behind."""
     import imageio.v2 as imageio  # only video capture needs it
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.mp4")
     with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=8, quality=7) as writer:
         for f in frames:
             writer.append_data(f)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments: domains checked before anything is created, and a checkpoint's arguments adopted
+# ----------------------------------------------------------------------------------------------------------------
+def flag(name: str) -> str:
+    """The command-line spelling of an Args field: num_envs -> --num-envs."""
+    return "--" + name.replace("_", "-")
+
+
+def check_range(args, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                hi_open: bool = False, integer: bool = False, hint: str = "") -> None:
+    """Raise UserError unless getattr(args, name) lies in the interval [lo, hi] (open ends as asked), is finite, and
+    is an integer if `integer`. None passes (an unset optional). NaN and infinities fail every check."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        left = "" if lo is None else f"{'>' if lo_open else 'at least'} {lo:g}"
+        right = "" if hi is None else f"{'<' if hi_open else 'at most'} {hi:g}"
+        domain = " and ".join(s for s in (left, right) if s) or "finite"
+        raise UserError(f"{flag(name)} must be {'an integer ' if integer else ''}{domain}, got {value}"
+                        + (f": {hint}" if hint else ""))
+
+
+def check_pair(args, name: str, lo: float | None = None, integer: bool = False, ordered: bool = True) -> None:
+    """A (low, high) pair: both finite (integers if asked, at least `lo` if given) and, if `ordered`, low <= high."""
+    pair = getattr(args, name)
+    if pair is None:
+        return
+    a, b = pair
+    bad = not all(math.isfinite(v) and (not integer or float(v).is_integer()) and (lo is None or v >= lo) for v in pair)
+    if bad:
+        raise UserError(f"{flag(name)} {a} {b}: both values must be finite{' integers' if integer else ''}"
+                        + (f" of at least {lo:g}" if lo is not None else ""))
+    if ordered and a > b:
+        raise UserError(f"{flag(name)} {a} {b}: give the lower bound first ({flag(name)} {b} {a})")
+
+
+def check_name(args, name: str, optional: bool = False) -> None:
+    """A name used in folder names and W&B: letters, digits, '.', '_' and '-' only."""
+    value = getattr(args, name)
+    if value is None and optional:
+        return
+    if not value or not all(c.isalnum() or c in "._-" for c in value) or value in (".", ".."):
+        raise UserError(f"{flag(name)} {value!r}: use letters, digits, '.', '_' and '-' only (it names folders)")
+
+
+def check_common_args(args, num_obs_steps_hint: str = "") -> None:
+    """The domains of the Args fields both scripts share (sizes, PPO's coefficients, logging). Each script checks
+    its task's own fields after calling this. Raises UserError naming the flag and the fix."""
+    check_name(args, "exp_name")
+    check_range(args, "seed", 0, 2**32 - 1, integer=True, hint="NumPy seeds are unsigned 32-bit integers")
+    check_name(args, "wandb_project_name")
+    check_name(args, "wandb_entity", optional=True)
+    for name in ("num_envs", "num_iterations", "num_steps", "num_minibatches", "update_epochs", "save_interval",
+                 "video_interval", "video_length", "eval_envs"):
+        check_range(args, name, 1, integer=True)
+    check_range(args, "eval_interval", 0, integer=True, hint="0 turns evaluations off")
+    check_range(args, "learning_rate", 0, 1, lo_open=True, hint="rsl_rl's 1e-3 is a good start")
+    check_range(args, "desired_kl", 0, hint="0 turns the adaptive learning rate off")
+    check_range(args, "gamma", 0, 1, lo_open=True)
+    check_range(args, "gae_lambda", 0, 1)
+    check_range(args, "clip_coef", 0, lo_open=True)
+    check_range(args, "ent_coef", 0)
+    check_range(args, "vf_coef", 0, lo_open=True, hint="the critic must be trained for GAE")
+    check_range(args, "max_grad_norm", 0, lo_open=True)
+    check_range(args, "init_noise_std", 0, lo_open=True, hint="a Gaussian policy needs a positive standard deviation")
+    check_range(args, "obs_clip", 0, lo_open=True)
+    if args.eval and args.export:
+        raise UserError("--eval and --export together: give one of them (run the command twice)")
+    if (args.eval or args.export) and not args.checkpoint:
+        raise UserError(f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint "
+                        "runs/<run>/checkpoints/latest.pt")
+    if args.num_envs is not None:
+        batch = args.num_envs * args.num_steps
+        if batch % args.num_minibatches:
+            raise UserError(f"the batch of num_envs * num_steps = {batch} does not split into "
+                            f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs")
+        if batch // args.num_minibatches < 2:
+            raise UserError(f"minibatches of {batch // args.num_minibatches} sample(s): advantages are normalized "
+                            "per minibatch and need at least 2; lower --num-minibatches or raise --num-envs")
+
+
+def read_command_line(args_cls, check_args):
+    """tyro's command line, checked by `check_args` before anything heavy is imported: `--help` and a bad argument
+    answer in about a second. Bad input: one `error:` line on stderr and exit code 2."""
+    import tyro
+
+    args = tyro.cli(args_cls)
+    try:
+        check_args(args)
+        if args.checkpoint and not os.path.isfile(args.checkpoint):
+            load_checkpoint(args.checkpoint, None, "")  # raises the missing file's or folder's UserError
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def adopt_checkpoint_args(args, args_cls, script: str, task_fields: tuple[str, ...]):
+    """The arguments with a checkpoint's adopted (none without --checkpoint).
+
+    Resuming training (`--checkpoint PATH`): every argument comes from the checkpoint unless the command line sets
+    it (a note names what differs), so the printed resume command resumes exactly. `--eval` and `--export`: the
+    `task_fields` (what defines the policy's observations, actions and task) always come from the checkpoint.
+    Unreadable checkpoints raise UserError (see load_checkpoint)."""
+    import tyro
+
+    if not args.checkpoint:
+        return args
+    saved = read_checkpoint_args(args.checkpoint, script)
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    mode = {"checkpoint": args.checkpoint, "eval": args.eval, "export": args.export}
+    if not (args.eval or args.export):
+        defaults = args_cls(**{**{k: _as_field(v) for k, v in saved.items() if k in names}, **mode})
+        resumed = tyro.cli(args_cls, default=defaults)  # what the command line sets wins
+        for name in sorted(names - set(mode)):
+            if name in saved and getattr(resumed, name) != _as_field(saved[name]):
+                print(f"note: {flag(name)} {getattr(resumed, name)} from the command line (the checkpoint has "
+                      f"{saved[name]})", flush=True)
+        return resumed
+    for name in task_fields:
+        if name in saved and _as_field(saved[name]) != getattr(args, name):
+            print(f"note: using the checkpoint's {flag(name)} {saved[name]} (its policy was trained with it)",
+                  flush=True)
+            setattr(args, name, _as_field(saved[name]))
+    return args
+
+
+def _as_field(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read with one clear error for every way they can be wrong
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic: a temporary file, flushed to disk, then renamed over the target, so a kill or a power cut never
+    leaves a torn or empty checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: torch.device, script: str) -> dict:
+    """Read a checkpoint of `script` onto `device`. Raises UserError when the path is a folder, missing, truncated,
+    not a torch file, or another script's checkpoint."""
+    if os.path.isdir(path):
+        raise UserError(f"--checkpoint {path} is a directory: give a file in it, e.g. {Path(path) / 'latest.pt'}")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path} (look in runs/<run>/checkpoints/)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file: one message
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated or not a "
+                        "checkpoint; use another one, e.g. runs/<run>/checkpoints/latest.pt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
+        origin = ckpt.get("script", "something else") if isinstance(ckpt, dict) else "something else"
+        raise UserError(f"{path} is not a checkpoint of {script}.py (it comes from {origin})")
+    return ckpt
+
+
+def read_checkpoint_args(path: str, script: str) -> dict:
+    """The Args (as a dict) a checkpoint of `script` was written with. UserError as load_checkpoint."""
+    return dict(load_checkpoint(path, torch.device("cpu"), script).get("args", {}))
+
+
+def check_checkpoint_dims(ckpt: dict, path: str, num_obs: int, num_actions: int) -> None:
+    """UserError unless the checkpoint's policy has this task's observation and action sizes."""
+    if (ckpt.get("obs_dim"), ckpt.get("act_dim")) != (num_obs, num_actions):
+        raise UserError(f"{path} has {ckpt.get('obs_dim')} observations and {ckpt.get('act_dim')} actions; "
+                        f"this task has {num_obs} and {num_actions}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Adam's state from a checkpoint written on any device. A state dict carries its param groups' `fused` and
+    `capturable` flags, which belong to the device that wrote it (a CUDA graph cannot record a non-capturable step;
+    the CPU has no fused kernel): this optimizer keeps its own flags and the moments follow its device."""
+    state = {**state, "param_groups": [dict(g) for g in state["param_groups"]]}
+    for saved, own in zip(state["param_groups"], optimizer.param_groups):
+        for key in ("fused", "capturable", "foreach", "differentiable"):
+            if key in own:
+                saved[key] = own[key]
+        if isinstance(own["lr"], torch.Tensor):  # keep the learning rate a tensor on this optimizer's device
+            saved["lr"] = torch.as_tensor(saved["lr"], dtype=own["lr"].dtype).to(own["lr"].device)
+    optimizer.load_state_dict(state)  # torch places each moment and step count as these flags ask
+
+
+def run_dir_of(ckpt_path: str) -> Path:
+    """runs/<run>/ for runs/<run>/checkpoints/x.pt; else the checkpoint's own folder."""
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders and loggers: TensorBoard always, Weights & Biases with --track, config and metrics as JSON
+# ----------------------------------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    """A human name for the device, for titles and config.json: 'NVIDIA H200' or 'CPU (2 cores)'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def finite_or_none(tree):
+    """NaN and infinities as JSON's null, which every parser reads; dicts and lists walked."""
+    if isinstance(tree, dict):
+        return {k: finite_or_none(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite_or_none(v) for v in tree]
+    return None if isinstance(tree, float) and not np.isfinite(tree) else tree
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write (temporary file, then rename), NaN written as null."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(finite_or_none(obj), indent=2))
+    os.replace(tmp, path)
+
+
+def print_metrics(title: str, metrics: dict[str, float], units: dict[str, str]) -> None:
+    """An evaluation's metrics as a two-column table on the console (the same table in both scripts)."""
+    print(title)
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        value = f"{v:12.4f}" if isinstance(v, float) else f"{v!s:>12}"
+        print(f"  {k:<{width}} {value} {units.get(k, '')}".rstrip())
+
+
+def check_wandb_login() -> None:
+    """--track with no credentials would stop at wandb's interactive prompt or fail after start-up: say it now."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc().authenticators(host):  # where `wandb login` keeps the key
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UserError("--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
+                    "offline with WANDB_MODE=offline (then `wandb sync` later)")
+
+
+class Logger:
+    """Scalars to TensorBoard (always) and to Weights & Biases (with --track), both under the run folder.
+
+    A resumed run (resume_step given) purges TensorBoard's events after its checkpoint, so no curve doubles back,
+    and continues the checkpoint's W&B run (same id): online it rewinds that run to the checkpoint's step
+    (W&B's resume_from), offline it resumes it and W&B drops steps it already has. W&B's files go to
+    <run>/wandb, next to everything else the run writes."""
+
+    def __init__(self, run_dir: Path, config: dict, track: bool, project: str, entity: str | None,
+                 resume_step: int | None = None, wandb_id: str | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir, self.wandb = run_dir, None
+        # flush_secs: a killed run loses at most 10 s of curves.
+        self.writer = SummaryWriter(str(run_dir), flush_secs=10,
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
+                             + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        if track:
+            import wandb  # only --track needs it
+
+            self.wandb_id = wandb_id or secrets.token_hex(4)  # a W&B run id; not from the seeded generators
+            offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
+            resume = {}
+            if wandb_id is not None and resume_step is not None:
+                resume = ({"id": wandb_id, "resume": "allow"} if offline
+                          else {"resume_from": f"{wandb_id}?_step={resume_step}"})
+            self.wandb = wandb.init(project=project, entity=entity, config=config, name=run_dir.name,
+                                    dir=str(run_dir), **(resume or {"id": self.wandb_id}))
+        else:
+            self.wandb_id = wandb_id
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def video(self, path: Path, step: int) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"videos/policy": wandb.Video(str(path), format="mp4")}, step=step)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def new_run_dir(exp_name: str, seed: int) -> Path:
+    """runs/<exp_name>__<seed>__<unix time>, not created yet."""
+    return Path("runs") / f"{exp_name}__{seed}__{int(time.time())}"
+
+
+def write_config(run_dir: Path, script: str, args, device: torch.device) -> None:
+    """runs/<run>/config.json: the arguments, the device and the versions a run was made with (plots read it)."""
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "warp-lang", "mujoco", "mujoco-warp"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    write_json(run_dir / "config.json", {"script": script, "args": dataclasses.asdict(args), "device": str(device),
+                                         "device_name": device_name(device), "versions": versions,
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals: Ctrl-C or SIGTERM (a pre-empted job) finish the iteration, save, and exit
+# ----------------------------------------------------------------------------------------------------------------
+class StopRequest:
+    """Catches SIGINT and SIGTERM: `signal` holds the first one received (None until then); a second one stops at
+    once (the default handler comes back)."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress, faults and the training guard
+# ----------------------------------------------------------------------------------------------------------------
+def duration(seconds: float) -> str:
+    """12.3 s, 4m05s or 1h02m: for progress lines."""
+    if not np.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds // 60)
+    return f"{minutes}m{int(seconds % 60):02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def fault_note(stats: dict) -> str:
+    """The iteration line's mention of simulation faults, only when there were any."""
+    n, o = int(stats.get("nonfinite_resets", 0)), int(stats.get("overflows", 0))
+    return f" | reset {n} blown-up, {o} overflowed" if n or o else ""
+
+
+def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (Wilson 1927; Brown, Cai and DasGupta 2001 recommend it
+    for small counts): (low, high), the 95% interval with z = 1.96. (nan, nan) for no trials."""
+    if trials <= 0:
+        return float("nan"), float("nan")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def run_main(main, args, args_cls, script: str, task_fields: tuple[str, ...]) -> None:
+    """Adopt a checkpoint's arguments (adopt_checkpoint_args) and run main(args), turning bad input into one `error:`
+    line on stderr and exit code 2 (UserError, or the device running out of memory); any other exception is a bug
+    and shows its traceback."""
+    try:
+        args = adopt_checkpoint_args(args, args_cls, script, task_fields)
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        print(f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a "
+              "smaller --num-envs, e.g. half", file=sys.stderr)
+        sys.exit(2)
+
+
+def nonfinite_tensors(modules: dict[str, torch.nn.Module]) -> torch.Tensor:
+    """A device bool: whether any parameter or buffer of these modules holds a NaN or an infinity (no host sync)."""
+    flags = [~torch.isfinite(t).all() for m in modules.values() for t in [*m.parameters(), *m.buffers()]
+             if t.is_floating_point()]
+    return torch.stack(flags).any()
+
+
+def nonfinite_names(modules: dict[str, torch.nn.Module]) -> list[str]:
+    """The names of the parameters and buffers holding NaN or infinity (host side, for the error message)."""
+    return [f"{name}.{n}" for name, m in modules.items() for n, t in [*m.named_parameters(), *m.named_buffers()]
+            if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def note_gpu_only_flags(args, device: torch.device) -> None:
+    """Every printed line true for what was run: say that the GPU-only speed switches change nothing on the CPU."""
+    if device.type == "cpu":
+        off = [flag(f"no_{n}") for n in SPEED_FLAGS if not getattr(args, n)]
+        if off:
+            print(f"note: {', '.join(off)} change nothing on the CPU, which always runs plain eager float32",
+                  flush=True)
+
+
+SPEED_FLAGS = ("compile", "cudagraphs", "tf32", "bf16")
+
+
+def gpu_speed_flags(args, device: torch.device) -> dict[str, bool]:
+    """Turn the GPU-only switches off on the CPU, so that args (and config.json) say what runs. Returns the switches
+    as asked for: checkpoints keep those, so that a CPU run resumed on a GPU runs fast there."""
+    requested = {name: getattr(args, name) for name in SPEED_FLAGS}
+    if device.type != "cuda":
+        for name in SPEED_FLAGS:
+            setattr(args, name, False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: the policy with its normalizer, as TorchScript and ONNX
+# ----------------------------------------------------------------------------------------------------------------
+def deployed_policy(normalizer, actor, clip: float):
+    """Raw observation (batch, num_obs) -> action (batch, num_actions): the normalizer folded in, the actor's mean
+    (no sampling), clipped to [-clip, clip] as the environment clips it. A torch.nn.Module, for export_policy."""
+
+    class DeployedPolicy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalizer, self.actor = normalizer, actor
+
+        def forward(self, obs):
+            return self.actor(self.normalizer(obs)).clamp(-clip, clip)
+
+    return DeployedPolicy()
+
+
+def export_policy(policy: torch.nn.Module, num_obs: int, out_dir: Path) -> list[Path]:
+    """Write `policy` (on the CPU, in eval mode) to out_dir/policy.pt (TorchScript) and out_dir/policy.onnx (input
+    "obs" (batch, num_obs) float32, output "actions"). Returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = policy.cpu().eval()
+    example = torch.zeros(1, num_obs)
+    written = [out_dir / "policy.pt"]
+    torch.jit.trace(policy, example).save(str(written[0]))
+    try:
+        torch.onnx.export(policy, (example,), str(out_dir / "policy.onnx"), input_names=["obs"],
+                          output_names=["actions"], dynamic_axes={"obs": {0: "batch"}}, dynamo=False)
+        written.append(out_dir / "policy.onnx")
+    except Exception as e:  # noqa: BLE001 - ONNX is optional: TorchScript was written
+        print(f"note: ONNX export skipped ({type(e).__name__}: {e}); pip install onnx to enable it")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forking safety: carried state written in place (a CUDA graph replays the buffers it recorded)
+# ----------------------------------------------------------------------------------------------------------------
+def tensor_storages(obj) -> dict[str, int]:
+    """{attribute path: data pointer} of every tensor an object holds (directly, or in dicts and lists of them)."""
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            out[prefix] = value.untyped_storage().data_ptr()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}[{k!r}]", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+
+    for name, value in vars(obj).items():
+        walk(name, value)
+    return out
+
+
+def rebound_state(obj, step) -> list[str]:
+    """Run `step()` twice and list the tensors of `obj` whose storage changed or that appeared: state that a step
+    rebinds (`self.x = ...`) instead of writing in place (`self.x.copy_(...)`). Inside a recorded CUDA graph such a
+    tensor is never updated and the next step reads a stale buffer, with no error."""
+    step()  # the first call may create lazily allocated state
+    before = tensor_storages(obj)
+    step()
+    after = tensor_storages(obj)
+    return sorted(k for k in after if before.get(k) != after[k])

@@ -1,51 +1,43 @@
-"""PPO that teaches a Go1-class quadruped to walk on command, thousands of robots at once on one GPU.
+"""PPO that teaches a Go1 quadruped to walk on command, thousands of robots at once on one GPU.
 
     python ppo_isaac_locomotion.py --num-envs 4096 --track
 
-The whole pipeline stays on the device, as in Isaac Gym (here on MuJoCo Warp):
-  policy (torch) -> joint position targets written into the simulator's ctrl tensor (zero-copy)
-  -> 4 physics sub-steps at 200 Hz replayed from one CUDA graph -> qpos/qvel/contact-force views refreshed in place
-  -> observations, rewards, terminations and per-environment resets computed in torch -> rollout buffer -> PPO update.
-Nothing is copied to the host inside the rollout loop; statistics are read once per iteration. On a GPU, that
-whole rollout step (policy, physics, observations, rewards, resets, storage) is recorded once as a CUDA graph and
-replayed, and so is each minibatch step of the update (--no-cudagraphs runs the same code eagerly).
+As in Isaac Gym, everything stays on the device: the policy's actions become joint targets in the simulator's
+ctrl tensor (MuJoCo Warp, zero-copy), four 200 Hz physics steps run, and observations, rewards and resets are
+computed in torch straight from the simulator's state tensors.
 
-Read top to bottom: Args, the environment (Go1Env, its reward terms), the observation normalizer, ActorCritic,
-then PPO (rollout, GAE, update) with logging, checkpoints, evaluation, export and video.
+Read top to bottom: Args; the task (Go1Env, one function per reward term, the scale table); the observation
+normalizer; ActorCritic; PPO's pieces (rollout step, GAE, loss); main(), the training loop. Plumbing that is not
+the lesson (simulation, checkpoints, loggers, export, video) is in envs_common.py.
 """
 
 from __future__ import annotations
 
+import time
+
+PROCESS_START = time.time()  # wall-clock figures count from the script's first line, imports included
+
 import dataclasses
 import json
-import os
-import signal
+import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
-
-import numpy as np
-import torch
-import torch.nn as nn
-import tyro
-from torch.distributions import Normal
-from torch.utils.tensorboard import SummaryWriter
 
 import envs_common as ec
 from envs_common import UserError
 
 SCRIPT = Path(__file__).stem
-PROCESS_START = time.time()  # wall-clock figures count from here: start-up (imports, kernel loading) included
+POLICY_DT = 0.02  # s: a 50 Hz policy over go1.xml's 200 Hz physics, as legged_gym (sim dt 0.005 s, decimation 4)
 
 
 @dataclass
 class Args:
     exp_name: str = SCRIPT
-    """the name of this experiment (the first part of the run's directory name)"""
+    """the name of this experiment (the first part of the run's folder name)"""
     seed: int = 1
-    """seed of the experiment (Python, NumPy, torch)"""
+    """seed of Python, NumPy and torch"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
@@ -61,44 +53,37 @@ class Args:
     video_interval: int = 200
     """iterations between two videos"""
     video_length: int = 250
-    """policy steps (at 50 Hz) in one video"""
+    """policy steps (50 per second) in one video"""
     save_interval: int = 100
     """iterations between two checkpoints (one is always written at the end)"""
     checkpoint: Optional[str] = None
-    """a checkpoint to resume training from, or the policy to play with --eval or to write out with --export"""
+    """a checkpoint to resume training from (its arguments are adopted), or the policy for --eval or --export"""
     eval: bool = False
     """play the deterministic policy of --checkpoint on fresh commands and print its metrics; no training"""
     export: bool = False
-    """write the policy of --checkpoint, observation normalizer folded in, as TorchScript and ONNX"""
+    """write the policy of --checkpoint, normalizer folded in, as TorchScript and ONNX"""
     tf32: bool = True
-    """on a GPU, let float32 matrix products use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation):
-    the output layers, and every layer with --no-bf16, where it makes the update faster (measured in the README's
-    Performance section); PPO's noisy gradients do not need the last bits (--no-tf32: full float32)"""
+    """on a GPU, let float32 matrix products use TF32 tensor cores"""
     compile: bool = True
-    """on a GPU, torch.compile the rollout step and the minibatch losses: fuses their few hundred small kernels
-    into a few dozen (measured in the README's Performance section), at the cost of compiling them at start-up
-    (about 30 s on an H100 the first time, then about 8 s from torch's on-disk cache). The CPU path runs eagerly"""
+    """on a GPU, torch.compile the rollout step and the loss (slower start, faster iterations)"""
     bf16: bool = True
-    """on a GPU, run the hidden layers of the actor and the critic in bfloat16 (torch.autocast; float32 output
-    layers, losses, gradients and Adam): half the memory traffic of the update's activations and twice TF32's
-    tensor-core rate (measured in the README's Performance section). --no-bf16: TF32 or float32, as --tf32 says"""
+    """on a GPU, run the hidden layers of actor and critic in bfloat16 (float32 outputs, losses and Adam)"""
     cudagraphs: bool = True
-    """on a GPU, record one rollout step (policy, physics, observations, rewards, resets, storage) as a CUDA graph
-    once and replay it: one launch per step instead of hundreds of small ones (--no-cudagraphs: plain eager torch)"""
+    """on a GPU, record the rollout step and the minibatch update as CUDA graphs and replay them"""
 
     # Sizes
     num_envs: Optional[int] = None
     """number of parallel environments (default: 4096 on a GPU, 32 on the CPU)"""
     num_iterations: Optional[int] = None
-    """number of PPO iterations, each of num_envs * num_steps environment steps (default: 500 on a GPU, 5 on the CPU)"""
+    """number of PPO iterations of num_envs * num_steps steps each (default: 500 on a GPU, 5 on the CPU)"""
     num_steps: int = 24
-    """environment steps per environment per iteration (rollout length)"""
+    """steps per environment per iteration (the rollout's length)"""
 
-    # PPO (values of rsl_rl's PPO for legged_gym, which train this task in minutes)
+    # PPO (rsl_rl's values for legged_gym, which train this task in minutes)
     learning_rate: float = 1e-3
-    """the initial learning rate of Adam; then adapted to keep the KL divergence near `desired_kl`"""
+    """Adam's initial learning rate, then adapted to keep the KL divergence near `desired_kl`"""
     desired_kl: float = 0.01
-    """target KL divergence between successive policies for the adaptive learning rate (0 turns adaptation off)"""
+    """target KL divergence of one minibatch step for the adaptive learning rate (0: fixed learning rate)"""
     gamma: float = 0.99
     """the discount factor"""
     gae_lambda: float = 0.95
@@ -126,85 +111,127 @@ class Args:
 
     # Task
     episode_length_s: float = 20.0
-    """episode length in seconds; reaching it is a time-out, not a termination (the value is bootstrapped)"""
+    """episode length in seconds (a time-out, bootstrapped, not a failure)"""
     lin_vel_x_range: tuple[float, float] = (-1.0, 1.0)
-    """forward velocity commands are sampled uniformly in this range (m/s; legged_gym's default)"""
+    """range of forward velocity commands (m/s)"""
     lin_vel_y_range: tuple[float, float] = (-1.0, 1.0)
-    """lateral velocity commands are sampled uniformly in this range (m/s; legged_gym's default)"""
+    """range of lateral velocity commands (m/s)"""
     ang_vel_yaw_range: tuple[float, float] = (-1.0, 1.0)
-    """yaw rate commands are sampled uniformly in this range (rad/s; legged_gym's default)"""
-    only_positive_rewards: bool = False
-    """clip each step's reward (termination aside) at zero, as legged_gym: with large early penalties the sum stays
-    at 0 and the policy gets no signal, so it is off by default"""
+    """range of yaw rate commands (rad/s)"""
     command_resample_s: float = 10.0
-    """seconds between two resamplings of an environment's velocity command"""
+    """seconds between two velocity commands of an environment"""
+    only_positive_rewards: bool = False
+    """clip each step's reward (termination aside) at zero, as legged_gym can"""
     action_scale: float = 0.25
-    """joint target = home pose + action_scale * action (rad), as legged_gym"""
+    """joint target = home pose + action_scale * action (rad)"""
     solver: Optional[tuple[int, int]] = None
-    """Newton iterations and line-search iterations of MuJoCo's constraint solver per physics step, instead of
-    go1.xml's 4 and 8, which converge in the states training visits. `--solver 1 5` (MuJoCo Playground's setting for
-    its Go1) trains about 20% faster and learns to walk about as fast, but each step's contact and joint-friction
-    forces are then only roughly solved: the joint velocities are off by 0.35 rad/s (median) from a converged solve's
-    while the targets move. Both measured in the README's Performance section (tests/solver_fidelity.py: the error)"""
+    """Newton and line-search iterations per physics step instead of go1.xml's 4 and 8 (faster, less accurate)"""
     eval_interval: int = 100
     """iterations between two deterministic evaluations logged under eval/ (0: never)"""
     eval_envs: int = 1024
-    """environments of a deterministic evaluation (on a CPU: at most num_envs)"""
+    """environments of an evaluation during training (at most num_envs)"""
     eval_episodes: int = 1
-    """episodes per environment in an evaluation (each episode_length_s long unless the robot falls)"""
+    """episodes per environment in an evaluation"""
+
+
+def check_args(args: Args) -> None:
+    """Reject bad input before anything is created or written: UserError naming the flag and the fix."""
+    ec.check_common_args(args)
+    ec.check_range(args, "eval_episodes", 1, integer=True)
+    for name in ("episode_length_s", "command_resample_s"):
+        ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
+    for name in ("lin_vel_x_range", "lin_vel_y_range", "ang_vel_yaw_range"):
+        ec.check_pair(args, name)
+    ec.check_range(args, "action_scale", 0, lo_open=True)
+    ec.check_pair(args, "solver", lo=1, integer=True, ordered=False)
+
+
+if __name__ == "__main__":  # the command line first: --help and mistakes answer before torch, MuJoCo and Warp load
+    ARGS = ec.read_command_line(Args, check_args)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.distributions import Normal  # noqa: E402
 
 
 # ==================================================================================================================
-# The environment: a Go1-class quadruped tracking a commanded base velocity on flat ground
+# The task: a Go1 tracking a commanded base velocity on flat ground
 # ==================================================================================================================
-# Reward scales, per second of simulated time (each term is multiplied by its scale and by the policy step dt).
-# Values follow legged_gym's LeggedRobotCfg/A1 configuration (github.com/leggedrobotics/legged_gym) unless noted.
-REWARD_SCALES = {
-    "tracking_lin_vel": 1.0,     # exp(-|v_xy command error|^2 / 0.25)
-    "tracking_ang_vel": 0.5,     # exp(-(yaw rate error)^2 / 0.25)
-    "lin_vel_z": -2.0,           # vertical base velocity^2
-    "ang_vel_xy": -0.05,         # roll and pitch rates^2
-    "orientation": -1.0,         # tilt: |projected gravity xy|^2 (Isaac Lab's flat Go1 uses -2.5)
-    "base_height": -10.0,        # (height - target)^2
-    "torques": -1e-5,            # |torque|^2
-    "energy": -1e-4,             # sum |torque * joint velocity| (mechanical power, W): 100 W costs 0.01 per second
-    "dof_acc": -2.5e-7,          # |joint acceleration|^2
-    "action_rate": -0.01,        # |a_t - a_{t-1}|^2: smoothness
-    "feet_air_time": 1.0,        # rewards steps of about 0.5 s, only while asked to move
-    "collision": -1.0,           # thigh or calf touching the ground
-    "termination": -1000.0,      # falling (not time-outs): 20 per fall; measured on an H100, -200 left 1.5-3% of
-                                 # evaluation episodes falling after command changes, -1000 1.3-1.8%
-}
-TRACKING_SIGMA = 0.25
+ASSET = "go1.xml"
+TRUNK = "trunk"
 FEET = ("FR_foot", "FL_foot", "RR_foot", "RL_foot")
 LEG_LINKS = tuple(f"{leg}_{part}" for leg in ("FR", "FL", "RR", "RL") for part in ("thigh", "calf"))
 
+# Reward scales, per second of simulated time (each term is multiplied by its scale and by the policy step dt).
+# Values of legged_gym's LeggedRobotCfg and its A1 configuration unless noted.
+REWARD_SCALES = {
+    "tracking_lin_vel": 1.0,  # exp(-|v_xy command error|^2 / 0.25)
+    "tracking_ang_vel": 0.5,  # exp(-(yaw rate error)^2 / 0.25)
+    "lin_vel_z": -2.0,  # vertical base velocity^2
+    "ang_vel_xy": -0.05,  # roll and pitch rates^2
+    "orientation": -1.0,  # tilt: |projected gravity xy|^2 (Isaac Lab's flat Go1: -2.5)
+    "base_height": -10.0,  # (height - target)^2
+    "torques": -1e-5,  # |torque|^2
+    "energy": -1e-4,  # sum |torque * joint velocity| (mechanical power, W); not in legged_gym
+    "dof_acc": -2.5e-7,  # |joint acceleration|^2
+    "action_rate": -0.01,  # |a_t - a_{t-1}|^2: smoothness
+    "feet_air_time": 1.0,  # rewards steps of about 0.5 s, only while asked to move
+    "collision": -1.0,  # thigh or calf touching the ground
+    "termination": -1000.0,  # falling (not time-outs); legged_gym's A1 uses -0 to -200: see the README
+}
+TRACKING_SIGMA = 0.25
+STEADY_AFTER_S = 1.0  # tracking counts as steady-state from this long after a command change
+
+
+@dataclass
+class Go1Config:
+    """The task's settings (the Args fields of the same names): what defines a trained policy's task."""
+
+    episode_length_s: float
+    lin_vel_x_range: tuple[float, float]
+    lin_vel_y_range: tuple[float, float]
+    ang_vel_yaw_range: tuple[float, float]
+    command_resample_s: float
+    only_positive_rewards: bool
+    action_scale: float
+    solver: Optional[tuple[int, int]]
+
+    @classmethod
+    def from_args(cls, args: Args) -> Go1Config:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# What a policy's observations and actions mean, and its task: --eval and --export take these from the checkpoint.
+TASK_ARGS = tuple(f.name for f in dataclasses.fields(Go1Config)) + ("obs_clip",)
+
 
 class Go1Env:
-    """Batched velocity-tracking task. All state lives in (num_envs, ...) tensors on the device.
+    """Batched velocity tracking. All state lives in (num_envs, ...) tensors on the device, written in place.
 
-    Observation layout (48 values; normalized later by ObservationNormalizer, so no hand-tuned scales):
+    Observation layout (num_obs = 12 + 3 * num_actions = 48 for the Go1; normalized by ObservationNormalizer):
       [0:3]   base linear velocity, base frame (m/s)      [3:6]   base angular velocity, base frame (rad/s)
-      [6:9]   projected gravity (unit, base frame)        [9:12]  command (vx, vy, yaw rate)
+      [6:9]   projected gravity (unit, base frame)        [9:12]  command (vx m/s, vy m/s, yaw rate rad/s)
       [12:24] joint positions minus the home pose (rad)   [24:36] joint velocities (rad/s)
       [36:48] last actions
+    Actions: one per actuator (the model's nu), joint target = home pose + action_scale * action.
     """
 
-    num_obs, num_actions = 48, 12
-
-    def __init__(self, num_envs: int, device: torch.device, args: Args):
-        self.args, self.device, self.num_envs = args, device, num_envs
-        mjm = ec.load_model("go1.xml")
-        if args.solver is not None:  # MuJoCo's opt.iterations and opt.ls_iterations, read when the model goes to Warp
-            mjm.opt.iterations, mjm.opt.ls_iterations = args.solver
-        # 200 Hz physics, 50 Hz policy, as legged_gym (sim dt 0.005, decimation 4).
+    def __init__(self, num_envs: int, device: torch.device, cfg: Go1Config | None = None):
+        self.cfg = cfg = cfg or Go1Config.from_args(Args())
+        self.device, self.num_envs = device, num_envs
+        mjm = ec.load_model(ASSET)
+        if cfg.solver is not None:  # read when the model goes to MuJoCo Warp
+            mjm.opt.iterations, mjm.opt.ls_iterations = cfg.solver
         # Contact forces: for feet air time, collisions and falls. No body poses: nothing here reads them.
-        self.sim = ec.BatchedSim(mjm, num_envs, device, decimation=4, contact_forces=True, poses=False)
-        self.dt = mjm.opt.timestep * self.sim.decimation
-        self.max_episode_length = int(round(args.episode_length_s / self.dt))
-        self.resample_steps = int(round(args.command_resample_s / self.dt))
-        s = self.sim
-        # Views into the simulator (Isaac Gym: root state tensor and DOF state tensor).
+        decimation = max(1, round(POLICY_DT / mjm.opt.timestep))
+        self.sim = s = ec.BatchedSim(mjm, num_envs, device, decimation=decimation, contact_forces=True, poses=False)
+        self.num_actions = nu = mjm.nu
+        self.num_obs = 12 + 3 * nu
+        self.dt = mjm.opt.timestep * decimation
+        self.max_episode_length = int(round(cfg.episode_length_s / self.dt))
+        self.resample_steps = max(1, int(round(cfg.command_resample_s / self.dt)))
+        # Views into the simulator (Isaac Gym: the root state tensor and the DOF state tensor).
         self.root_pos, self.root_quat = s.qpos[:, 0:3], s.qpos[:, 3:7]
         self.root_lin_vel_w, self.root_ang_vel_b = s.qvel[:, 0:3], s.qvel[:, 3:6]  # MuJoCo: angular in body frame
         self.dof_pos, self.dof_vel = s.qpos[:, 7:], s.qvel[:, 6:]
@@ -221,41 +248,38 @@ class Go1Env:
         self.reset_dof_hi = torch.minimum(home_hi, self.dof_upper)
         if not bool((self.reset_dof_lo <= self.reset_dof_hi).all()):  # once, at start-up
             raise UserError("go1.xml's home pose (keyframe 0) must lie inside the joint ranges")
-        self.base_height_target = float(s.default_qpos[2]) - 0.02  # home height, a little crouched
-        self.trunk = s.body_id("trunk")
+        self.base_height_target = float(s.default_qpos[2]) - 0.02  # the home height, a little crouched
+        self.trunk = s.body_id(TRUNK)
         self.feet = torch.tensor([s.body_id(f) for f in FEET], device=device)
         self.leg_links = torch.tensor([s.body_id(b) for b in LEG_LINKS], device=device)
-
-        z = lambda *shape: torch.zeros(num_envs, *shape, device=device)  # noqa: E731
-        self.actions, self.last_actions, self.last_dof_vel = z(12), z(12), z(12)
-        self.commands = z(3)
-        self.feet_air_time, self.last_contacts = z(4), z(4).bool()
-        self.broken = z().bool()  # worlds that blew up or overflowed this step
-        # Base-frame quantities that observations, rewards and terminations share: computed once after each physics
-        # step and each reset (legged_gym's post_physics_step), not again by every term that reads them.
-        self.base_lin_vel, self.projected_gravity = z(3), z(3)
-        self.episode_length = torch.zeros(num_envs, dtype=torch.long, device=device)
-        self.reward_names = list(REWARD_SCALES)
-        self.episode_sums = {name: z() for name in self.reward_names}
-        self.episode_return = z()
-        # Statistics of finished episodes and of tracking, summed per environment on the device (elementwise adds,
-        # no reduction inside the step) and over environments once per iteration, in pop_stats.
-        self.stats = {k: z() for k in
-                      ["episodes", "falls", "return", "length", "lin_err", "ang_err", "err_steps", "nonfinite",
-                       "overflows"]
-                      + [f"rew_{n}" for n in self.reward_names]}
-        ranges = (args.lin_vel_x_range, args.lin_vel_y_range, args.ang_vel_yaw_range)
+        ranges = (cfg.lin_vel_x_range, cfg.lin_vel_y_range, cfg.ang_vel_yaw_range)
         self.command_lo = torch.tensor([r[0] for r in ranges], device=device)
         self.command_hi = torch.tensor([r[1] for r in ranges], device=device)
 
-    # Task state carried from one step to the next (with the simulator's state; random numbers come from torch's
-    # global generator, saved in the checkpoint's "rng"): a checkpoint that holds it resumes bit for bit.
-    STATE = ("actions", "last_actions", "last_dof_vel", "commands", "feet_air_time", "last_contacts",
+        def z(*shape, dtype=torch.float32):
+            return torch.zeros(num_envs, *shape, dtype=dtype, device=device)
+
+        # Carried from one step to the next (saved in checkpoints, for an exact resume).
+        self.actions, self.last_actions, self.last_dof_vel = z(nu), z(nu), z(nu)
+        self.commands, self.command_age = z(3), z(dtype=torch.long)
+        self.feet_air_time, self.last_contacts = z(len(FEET)), z(len(FEET), dtype=torch.bool)
+        self.episode_length, self.episode_return = z(dtype=torch.long), z()
+        # Computed once per step, read by several reward terms (legged_gym's post_physics_step).
+        self.base_lin_vel, self.projected_gravity = z(3), z(3)
+        self.foot_contact, self.leg_contact = z(len(FEET), dtype=torch.bool), z(len(LEG_LINKS), dtype=torch.bool)
+        self.terminated, self.broken = z(dtype=torch.bool), z(dtype=torch.bool)
+        self.reward_names = list(REWARD_SCALES)
+        self.episode_sums = {name: z() for name in self.reward_names}
+        # Statistics summed per environment on the device, reduced over environments once per iteration (pop_stats).
+        stat_names = ["episodes", "falls", "return", "length", "lin_err", "ang_err", "err_steps", "lin_err_ss",
+                      "ang_err_ss", "ss_steps", "nonfinite", "overflows"]
+        self.stats = {k: z() for k in stat_names + [f"rew_{n}" for n in self.reward_names]}
+
+    STATE = ("actions", "last_actions", "last_dof_vel", "commands", "command_age", "feet_air_time", "last_contacts",
              "episode_length", "episode_return")
 
     def state_dict(self) -> dict:
-        return {"sim": self.sim.get_state(),
-                "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
+        return {"sim": self.sim.get_state(), "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
                 **{k: getattr(self, k).clone() for k in self.STATE}}
 
     def load_state_dict(self, state: dict) -> torch.Tensor:
@@ -264,20 +288,21 @@ class Go1Env:
         for k, v in self.episode_sums.items():
             v.copy_(state["episode_sums"][k])
         for k in self.STATE:
-            getattr(self, k).copy_(state[k])
+            if k in state:
+                getattr(self, k).copy_(state[k])
         self._refresh_base_state()
         return self._observe()
 
     # ------------------------------------------------------------------------------------------------------------
     def _rand(self, *shape, lo=0.0, hi=1.0):
-        # torch's global generator (seed_everything seeds it, checkpoints save it): a private torch.Generator would
-        # stop torch.compile from tracing the step (--compile)
+        # torch's global generator (seeded, saved in checkpoints); a private one would stop torch.compile's tracing
         return lo + (hi - lo) * torch.rand(*shape, device=self.device)
 
     def _sample_commands(self, mask: torch.Tensor):
         cmd = self.command_lo + (self.command_hi - self.command_lo) * self._rand(self.num_envs, 3)
-        cmd[:, :2] *= (cmd[:, :2].norm(dim=1, keepdim=True) > 0.2)  # tiny commands mean "stand still"
+        cmd[:, :2] *= cmd[:, :2].norm(dim=1, keepdim=True) > 0.2  # tiny commands mean "stand still"
         self.commands.copy_(torch.where(mask[:, None], cmd, self.commands))
+        self.command_age.masked_fill_(mask, 0)
 
     def reset(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Reset the environments in `mask` (all if None) on the device and return all observations."""
@@ -285,8 +310,8 @@ class Go1Env:
             mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         n, s = self.num_envs, self.sim
         qpos = s.default_qpos.expand(n, -1).clone()
-        qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-np.pi, hi=np.pi))  # any heading
-        qpos[:, 7:] = self._rand(n, 12, lo=self.reset_dof_lo, hi=self.reset_dof_hi)  # home * U(0.5, 1.5), in range
+        qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-math.pi, hi=math.pi))  # any heading
+        qpos[:, 7:] = self._rand(n, self.num_actions, lo=self.reset_dof_lo, hi=self.reset_dof_hi)  # home * U(0.5, 1.5), in range
         qpos[:, 7:].clamp_(self.dof_lower, self.dof_upper)  # float rounding must not step past a limit
         qvel = torch.zeros(n, s.mjm.nv, device=self.device)
         qvel[:, 0:6] = self._rand(n, 6, lo=-0.5, hi=0.5)  # legged_gym: base velocities U(-0.5, 0.5)
@@ -301,14 +326,13 @@ class Go1Env:
         return self._observe()
 
     def desynchronize(self) -> None:
-        """Start every environment at a random point of its episode (legged_gym's init_at_random_ep_len): otherwise
-        all of them time out on the same step, forever, and each rollout sees no ending or thousands at once."""
+        """Start every environment at a random point of its episode (legged_gym's init_at_random_ep_len), so that
+        they do not all time out on the same step."""
         self.episode_length.copy_((self._rand(self.num_envs) * self.max_episode_length).long())
 
     def _observe(self) -> torch.Tensor:
-        return torch.cat([
-            self.base_lin_vel, self.root_ang_vel_b, self.projected_gravity, self.commands,
-            self.dof_pos - self.default_dof_pos, self.dof_vel, self.actions], dim=-1)
+        return torch.cat([self.base_lin_vel, self.root_ang_vel_b, self.projected_gravity, self.commands,
+                          self.dof_pos - self.default_dof_pos, self.dof_vel, self.actions], dim=-1)
 
     def _refresh_base_state(self) -> None:
         self.base_lin_vel.copy_(ec.quat_rotate_inverse(self.root_quat, self.root_lin_vel_w))
@@ -316,47 +340,43 @@ class Go1Env:
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self, actions: torch.Tensor):
-        """Apply actions for one policy step (4 physics steps). Returns (obs, reward, terminated, truncated,
-        final_obs): for environments that ended, obs is already the first observation of their next episode and
-        final_obs their last one (to bootstrap the value on time-outs).
+        """Apply actions (num_envs, num_actions) for one policy step. Returns (obs, reward, terminated, truncated,
+        final_obs): environments that ended are already reset, so obs is their next episode's first observation
+        and final_obs their last one (to bootstrap the value on time-outs).
 
-        Persistent state is only ever written in place (copy_, +=, masked_fill_) and nothing branches on tensor
-        values, so that this can be recorded in a CUDA graph (--cudagraphs) and replayed."""
+        State is written in place only and nothing branches on tensor values, so that a CUDA graph can replay it."""
         self.actions.copy_(actions.clamp(-100.0, 100.0))  # legged_gym's clip_actions
-        self.sim.ctrl.copy_(self.default_dof_pos + self.args.action_scale * self.actions)  # PD targets
+        self.sim.ctrl.copy_(self.default_dof_pos + self.cfg.action_scale * self.actions)  # PD targets
         self.sim.step()
         self._refresh_base_state()
         self.episode_length += 1
-        # A world that blew up (a NaN or an infinity in its state) or whose contact or constraint buffers overflowed
-        # is reset below; its last step counts for nothing: reward 0, no bootstrap, no statistics.
+        self.command_age += 1
+        # A world that blew up (NaN or infinity) or overflowed its contact buffers is reset below; its last step
+        # counts for nothing: reward 0, no bootstrap, no statistics.
         nonfinite, overflowed = self.sim.nonfinite(), self.sim.overflowed()
-        self.broken = nonfinite | overflowed
+        self.broken.copy_(nonfinite | overflowed)
 
-        # Contacts (Isaac Gym: net contact force tensor) and terminations.
+        # Contacts (Isaac Gym: the net contact force tensor) and terminations.
         forces = self.sim.contact_force
-        self.foot_contact = forces[:, self.feet, 2] > 1.0
-        self.leg_contact = forces[:, self.leg_links].norm(dim=-1) > 0.1
+        self.foot_contact.copy_(forces[:, self.feet, 2] > 1.0)
+        self.leg_contact.copy_(forces[:, self.leg_links].norm(dim=-1) > 0.1)
         fell = (forces[:, self.trunk].norm(dim=-1) > 1.0) | (self.projected_gravity[:, 2] > -0.5)  # > 60 deg tilt
-        fell &= ~self.broken
-        truncated = (self.episode_length >= self.max_episode_length) & ~fell & ~self.broken
-        self.terminated = fell
+        self.terminated.copy_(fell & ~self.broken)
+        truncated = (self.episode_length >= self.max_episode_length) & ~self.terminated & ~self.broken
 
         reward = self._compute_reward()
-        self._accumulate_stats(reward, fell, truncated)
-        self.stats["nonfinite"] += nonfinite
-        self.stats["overflows"] += overflowed
-
-        # Commands are resampled mid-episode, so a policy learns to change gait on the fly.
-        resample = (self.episode_length % self.resample_steps == 0)
-        self._sample_commands(resample)
+        self._accumulate_stats(reward, self.terminated, truncated, nonfinite, overflowed)
+        self._sample_commands(self.episode_length % self.resample_steps == 0)  # new commands mid-episode
         self.last_actions.copy_(self.actions)
         self.last_dof_vel.copy_(self.dof_vel)
 
         final_obs = torch.where(self.broken[:, None], 0.0, self._observe())  # NaN * 0 is NaN: select, never multiply
-        obs = self.reset(fell | truncated | self.broken)
-        return obs, reward, fell | self.broken, truncated, final_obs
+        done = self.terminated | self.broken
+        obs = self.reset(done | truncated)
+        return obs, reward, done, truncated, final_obs
 
     def _compute_reward(self) -> torch.Tensor:
+        """Sum of every term times its scale and dt, by name (legged_gym's compute_reward)."""
         total = torch.zeros(self.num_envs, device=self.device)
         for name in self.reward_names:
             if name == "termination":
@@ -364,40 +384,52 @@ class Go1Env:
             term = torch.where(self.broken, 0.0, getattr(self, f"_reward_{name}")() * REWARD_SCALES[name] * self.dt)
             self.episode_sums[name] += term
             total += term
-        if self.args.only_positive_rewards:  # a Python bool: no device sync
+        if self.cfg.only_positive_rewards:  # a Python bool: no device sync
             total.clamp_(min=0.0)
         term = self._reward_termination() * REWARD_SCALES["termination"] * self.dt
         self.episode_sums["termination"] += term
         return total + term
 
-    def _accumulate_stats(self, reward, fell, truncated):
+    def _accumulate_stats(self, reward, fell, truncated, nonfinite, overflowed):
         st, done, ok = self.stats, fell | truncated, ~self.broken
         self.episode_return += reward
         st["episodes"] += done
         st["falls"] += fell
         st["return"] += self.episode_return * done
         st["length"] += self.episode_length * done
-        st["lin_err"] += torch.where(ok, (self.commands[:, :2] - self.base_lin_vel[:, :2]).norm(dim=1), 0.0)
-        st["ang_err"] += torch.where(ok, (self.commands[:, 2] - self.root_ang_vel_b[:, 2]).abs(), 0.0)
+        lin_err = torch.where(ok, (self.commands[:, :2] - self.base_lin_vel[:, :2]).norm(dim=1), 0.0)
+        ang_err = torch.where(ok, (self.commands[:, 2] - self.root_ang_vel_b[:, 2]).abs(), 0.0)
+        steady = ok & (self.command_age * self.dt >= STEADY_AFTER_S)
+        st["lin_err"] += lin_err
+        st["ang_err"] += ang_err
         st["err_steps"] += ok
+        st["lin_err_ss"] += lin_err * steady
+        st["ang_err_ss"] += ang_err * steady
+        st["ss_steps"] += steady
+        st["nonfinite"] += nonfinite
+        st["overflows"] += overflowed
         for name in self.reward_names:
             st[f"rew_{name}"] += self.episode_sums[name] * done
             self.episode_sums[name].masked_fill_(done | self.broken, 0.0)
         self.episode_return.masked_fill_(done | self.broken, 0.0)
 
     def pop_stats(self) -> dict[str, float]:
-        """Means since the last call (one host sync). Episode means are over the episodes that ended."""
-        values = dict(zip(self.stats, torch.stack(list(self.stats.values())).sum(dim=1).tolist()))
+        """Means since the last call (one host sync). Tracking errors: overall, and steady-state (from
+        STEADY_AFTER_S after each command change on); episode means over the episodes that ended."""
+        v = dict(zip(self.stats, torch.stack(list(self.stats.values())).sum(dim=1).tolist()))
         for t in self.stats.values():
             t.zero_()
-        episodes, steps = max(values["episodes"], 1.0), max(values["err_steps"], 1.0)
-        out = {"lin_vel_error": values["lin_err"] / steps, "yaw_rate_error": values["ang_err"] / steps,
-               "nonfinite_resets": values["nonfinite"], "overflows": values["overflows"]}
-        if values["episodes"] > 0:
-            out.update(episodes=values["episodes"], fall_rate=values["falls"] / episodes,
-                       episodic_return=values["return"] / episodes,
-                       episodic_length_s=values["length"] / episodes * self.dt)
-            out.update({f"reward_{n}": values[f"rew_{n}"] / episodes for n in self.reward_names})
+        steps, steady = max(v["err_steps"], 1.0), v["ss_steps"]
+        out = {"lin_vel_error": v["lin_err"] / steps, "yaw_rate_error": v["ang_err"] / steps,
+               "lin_vel_error_steady": v["lin_err_ss"] / steady if steady else float("nan"),
+               "yaw_rate_error_steady": v["ang_err_ss"] / steady if steady else float("nan"),
+               "nonfinite_resets": v["nonfinite"], "overflows": v["overflows"], "episodes": v["episodes"],
+               "falls": v["falls"]}
+        if v["episodes"] > 0:
+            episodes = v["episodes"]
+            out.update(fall_rate=v["falls"] / episodes, episodic_return=v["return"] / episodes,
+                       episodic_length_s=v["length"] / episodes * self.dt)
+            out.update({f"reward_{n}": v[f"rew_{n}"] / episodes for n in self.reward_names})
         return out
 
     # ---- Reward terms: one small function each, scaled by REWARD_SCALES ----------------------------------------
@@ -434,8 +466,8 @@ class Go1Env:
         return (self.actions - self.last_actions).square().sum(dim=1)
 
     def _reward_feet_air_time(self):
-        # legged_gym: on touchdown, reward (air time - 0.5 s); contact is OR-ed with the previous step's
-        # because the contact force of a foot on flat ground flickers.
+        # legged_gym: on touchdown, reward (air time - 0.5 s); contact is OR-ed with the previous step's because
+        # a foot's contact force on flat ground flickers.
         contact = self.foot_contact | self.last_contacts
         first_contact = (self.feet_air_time > 0.0) & contact
         self.feet_air_time += self.dt
@@ -458,8 +490,8 @@ class Go1Env:
 class ObservationNormalizer(nn.Module):
     """Running mean and variance of every observation over all environments and steps seen so far.
 
-    Each batch is merged exactly (Chan et al.'s parallel algorithm), so the statistics equal those of all batches
-    concatenated. Saved with the model (buffers), frozen at evaluation time.
+    Each batch (batch, size) is merged exactly (Chan et al.'s parallel algorithm): the statistics equal those of
+    all batches concatenated. Saved with the model (buffers), frozen at evaluation time.
     """
 
     def __init__(self, size: int, clip: float = 5.0, eps: float = 1e-8):
@@ -467,8 +499,7 @@ class ObservationNormalizer(nn.Module):
         self.clip, self.eps = clip, eps
         self.register_buffer("mean", torch.zeros(size))
         self.register_buffer("var", torch.ones(size))
-        # float64: exact sample counts past 2^24. Shape (1,), not a 0-d scalar: torch.compile (2.13, CPU) drops
-        # in-place writes to 0-d float64 buffers.
+        # float64: exact counts past 2^24. Shape (1,): torch.compile drops in-place writes to 0-d float64 buffers.
         self.register_buffer("count", torch.zeros(1, dtype=torch.float64))
 
     @torch.no_grad()
@@ -479,7 +510,7 @@ class ObservationNormalizer(nn.Module):
         w = (n / total).float()  # weight of the new batch
         delta = batch_mean - self.mean
         self.mean += delta * w
-        # M2 (sum of squared deviations) of the union = M2_a + M2_b + delta^2 * n_a * n_b / n
+        # M2 of the union = M2_a + M2_b + delta^2 * n_a * n_b / n
         self.var.copy_(self.var * (1 - w) + batch_var * w + delta.square() * w * (1 - w))
         self.count.copy_(total)
 
@@ -505,19 +536,19 @@ def mlp(sizes: list[int], out_std: float) -> nn.Sequential:
 
 class ActorCritic(nn.Module):
     """Separate actor and critic MLPs, [512, 256, 128] with ELU (legged_gym's ActorCritic), and a state-independent
-    learnable log standard deviation for the Gaussian policy."""
+    learnable log standard deviation of the Gaussian policy. Observations (batch, num_obs), actions
+    (batch, num_actions). With bf16, the hidden layers run in bfloat16 autocast."""
 
-    def __init__(self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(512, 256, 128)):
+    def __init__(self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(512, 256, 128),
+                 bf16: bool = False):
         super().__init__()
         self.actor = mlp([num_obs, *hidden, num_actions], out_std=0.01)
         self.critic = mlp([num_obs, *hidden, 1], out_std=1.0)
         self.actor_logstd = nn.Parameter(torch.full((num_actions,), float(np.log(init_noise_std))))
-        self.bf16 = False  # main() sets it from --bf16, on a GPU
+        self.bf16 = bf16
 
     def _mlp(self, net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        # Hidden layers in bfloat16 with --bf16 (the matrix products accumulate in float32); the output layer in
-        # float32, so that action means and values keep float32 resolution: PPO's probability ratios and value
-        # targets are differences of these.
+        # Output layer in float32: PPO's probability ratios and value targets are differences of its outputs.
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             hidden = net[:-1](x)
         return net[-1](hidden.float())
@@ -526,17 +557,16 @@ class ActorCritic(nn.Module):
         return self._mlp(self.critic, x).squeeze(-1)
 
     def get_action(self, x):
-        """Sample an action and its log-probability: the rollout's step (the critic runs after the rollout)."""
+        """Sample an action and its log-probability (the rollout)."""
         mean = self._mlp(self.actor, x)
         std = self.actor_logstd.exp().expand_as(mean)
-        action = mean + std * torch.randn_like(mean)  # as dist.sample(), without its host-side check of std
+        action = mean + std * torch.randn_like(mean)  # dist.sample() without its host-side check of std
         return action, Normal(mean, std, validate_args=False).log_prob(action).sum(-1)
 
     def get_action_and_value(self, x, action):
-        """Log-probability and entropy of the rollout's `action` under the current policy, and the value: the
-        update's forward pass."""
+        """Log-probability and entropy of given actions under the current policy, and the value (the update)."""
         mean = self._mlp(self.actor, x)
-        # validate_args=False: the argument checks would read tensors on the host, a sync inside a CUDA graph
+        # validate_args=False: the argument checks read tensors on the host, a sync inside a CUDA graph
         dist = Normal(mean, self.actor_logstd.exp().expand_as(mean), validate_args=False)
         return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1), self.get_value(x)
 
@@ -545,15 +575,57 @@ class ActorCritic(nn.Module):
 
 
 # ==================================================================================================================
-# PPO pieces
+# PPO: the rollout step, GAE and the loss (module-level functions; main() applies compile and CUDA graphs)
 # ==================================================================================================================
-def compute_gae(rewards, values, dones, next_value, gamma: float, gae_lambda: float):
-    """Generalized advantage estimation over a (T, N) rollout.
+@dataclass
+class RolloutStorage:
+    """The rollout, preallocated on the device: row t of each (T, N, ...) buffer holds step t of every
+    environment. `step` is t as a device tensor, so that one recorded CUDA graph can write any row."""
 
-    dones[t] is True when the episode ended after step t (fell or timed out); a time-out's reward already holds
-    gamma * V(final observation), so cutting the bootstrap at every done is right for both kinds of ending.
-    next_value is V of the observation after the last step. Returns (advantages, returns).
-    """
+    obs: torch.Tensor  # (T, N, num_obs) normalized observations the policy acted on
+    actions: torch.Tensor  # (T, N, num_actions)
+    logprobs: torch.Tensor  # (T, N) log-probability of each action under the policy that sampled it
+    rewards: torch.Tensor  # (T, N) plus gamma * V(final observation) on time-outs (finish_rollout)
+    dones: torch.Tensor  # (T, N) bool: the episode ended after this step (fell or timed out)
+    truncated: torch.Tensor  # (T, N) bool: ... by a time-out
+    final_obs: torch.Tensor  # (T, N, num_obs) normalized last observation of the episodes that ended
+    values: torch.Tensor  # (T, N) the critic's value of obs (finish_rollout)
+    advantages: torch.Tensor  # (T, N) GAE advantages (finish_rollout)
+    returns: torch.Tensor  # (T, N) advantages + values (finish_rollout)
+    step: torch.Tensor  # (1,) long: the row the next rollout step writes
+    next_obs: torch.Tensor  # (N, num_obs) raw observation the policy acts on next
+
+    @classmethod
+    def allocate(cls, T: int, N: int, num_obs: int, num_actions: int, device) -> RolloutStorage:
+        def z(*shape, dtype=torch.float32):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(obs=z(T, N, num_obs), actions=z(T, N, num_actions), logprobs=z(T, N), rewards=z(T, N),
+                   dones=z(T, N, dtype=torch.bool), truncated=z(T, N, dtype=torch.bool), final_obs=z(T, N, num_obs),
+                   values=z(T, N), advantages=z(T, N), returns=z(T, N), step=z(1, dtype=torch.long),
+                   next_obs=z(N, num_obs))
+
+
+@torch.no_grad()
+def rollout_step(env: Go1Env, agent: ActorCritic, normalizer: ObservationNormalizer, storage: RolloutStorage):
+    """One step of every environment: normalize, act, simulate, store in row `storage.step`. In place only."""
+    normalizer.update(storage.next_obs)
+    obs = normalizer(storage.next_obs)
+    action, logprob = agent.get_action(obs)
+    next_obs, reward, terminated, truncated, final_obs = env.step(action)
+    for buf, x in ((storage.obs, obs), (storage.actions, action), (storage.logprobs, logprob),
+                   (storage.rewards, reward), (storage.dones, terminated | truncated), (storage.truncated, truncated),
+                   (storage.final_obs, normalizer(final_obs))):
+        buf.index_copy_(0, storage.step, x.unsqueeze(0))
+    storage.next_obs.copy_(next_obs)
+    storage.step.add_(1)
+
+
+def compute_gae(rewards, values, dones, next_value, gamma: float, gae_lambda: float):
+    """Generalized advantage estimation (Schulman et al. 2016) over a (T, N) rollout. Returns (advantages, returns).
+
+    dones[t]: the episode ended after step t. A time-out's reward already holds gamma * V(final observation), so
+    cutting the bootstrap at every done is right for both kinds of ending. next_value: V after the last step."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
@@ -565,207 +637,79 @@ def compute_gae(rewards, values, dones, next_value, gamma: float, gae_lambda: fl
     return advantages, advantages + values
 
 
-@dataclass
-class RolloutStorage:
-    """The rollout, preallocated on the device: row t of each (T, N, ...) buffer holds rollout step t of every
-    environment. `step` is t as a device tensor, so that one recorded CUDA graph can write any row."""
-
-    obs: torch.Tensor          # (T, N, num_obs) normalized observations the policy acted on
-    actions: torch.Tensor      # (T, N, num_actions)
-    logprobs: torch.Tensor     # (T, N) log-probability of each action under the policy that sampled it
-    rewards: torch.Tensor      # (T, N) with gamma * V(final observation) added on time-outs (by finish_rollout)
-    dones: torch.Tensor        # (T, N) bool: the episode ended after this step (fell or timed out)
-    truncated: torch.Tensor    # (T, N) bool: ... by a time-out
-    final_obs: torch.Tensor    # (T, N, num_obs) normalized last observation of the episodes that ended
-    values: torch.Tensor       # (T, N) critic's value of obs              } filled after the rollout,
-    advantages: torch.Tensor   # (T, N) GAE advantages                      } by finish_rollout
-    returns: torch.Tensor      # (T, N) advantages + values                 }
-    step: torch.Tensor         # (1,) long: the row the next rollout step writes
-    next_obs: torch.Tensor     # (N, num_obs) raw observation the policy acts on next
-
-    @classmethod
-    def allocate(cls, T: int, N: int, num_obs: int, num_actions: int, device) -> RolloutStorage:
-        z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        return cls(obs=z(T, N, num_obs), actions=z(T, N, num_actions), logprobs=z(T, N), rewards=z(T, N),
-                   dones=z(T, N, dtype=torch.bool), truncated=z(T, N, dtype=torch.bool), final_obs=z(T, N, num_obs),
-                   values=z(T, N), advantages=z(T, N), returns=z(T, N), step=z(1, dtype=torch.long),
-                   next_obs=z(N, num_obs))
+@torch.no_grad()
+def finish_rollout(agent: ActorCritic, normalizer: ObservationNormalizer, storage: RolloutStorage, args: Args):
+    """After the rollout: the critic's values of all T * N observations in one batch (the critic does not change
+    during a rollout), the time-out bootstrap, and GAE, written into `storage`."""
+    T, N = storage.rewards.shape
+    storage.values.copy_(agent.get_value(storage.obs.view(T * N, -1)).view(T, N))
+    final_values = agent.get_value(storage.final_obs.view(T * N, -1)).view(T, N)
+    storage.rewards.add_(args.gamma * final_values * storage.truncated)  # time-outs are not failures
+    next_value = agent.get_value(normalizer(storage.next_obs))
+    advantages, returns = compute_gae(storage.rewards, storage.values, storage.dones, next_value, args.gamma,
+                                      args.gae_lambda)
+    storage.advantages.copy_(advantages)
+    storage.returns.copy_(returns)
 
 
-def make_rollout_step(env: Go1Env, agent: ActorCritic, normalizer: ObservationNormalizer, storage: RolloutStorage,
-                      args: Args):
-    """One environment step of the rollout: normalize, act, simulate, store in row `storage.step`. It reads and
-    writes its tensors in place only, so that on a GPU it can be recorded once as a CUDA graph and replayed.
-    With --compile, torch.compile fuses its few hundred small torch operations into a few dozen kernels."""
+def ppo_loss(agent: ActorCritic, storage: RolloutStorage, mb: torch.Tensor, args: Args):
+    """PPO's clipped surrogate (Schulman et al. 2017) on the rollout rows `mb` (a (B,) long tensor).
 
-    @torch.no_grad()
-    def rollout_step() -> None:
-        normalizer.update(storage.next_obs)
-        obs = normalizer(storage.next_obs)
-        action, logprob = agent.get_action(obs)
-        next_obs, reward, terminated, truncated, final_obs = env.step(action)
-        for buf, x in ((storage.obs, obs), (storage.actions, action), (storage.logprobs, logprob),
-                       (storage.rewards, reward), (storage.dones, terminated | truncated),
-                       (storage.truncated, truncated), (storage.final_obs, normalizer(final_obs))):
-            buf.index_copy_(0, storage.step, x.unsqueeze(0))
-        storage.next_obs.copy_(next_obs)
-        storage.step.add_(1)
-
-    if args.compile:
-        # Random numbers from torch's own kernels, as in eager mode (inductor would draw others): --compile changes
-        # the speed, not the rollout. The physics is not traced: envs_common runs MuJoCo Warp as it is.
-        torch._inductor.config.fallback_random = True
-        return torch.compile(rollout_step, dynamic=False)
-    return rollout_step
-
-
-def make_finish_rollout(agent: ActorCritic, normalizer: ObservationNormalizer, storage: RolloutStorage, args: Args):
-    """After the rollout: the critic's values of every stored observation, the bootstrap of time-outs, and GAE,
-    written into `storage`. The critic does not change during a rollout, so it runs here once on all T * N rows
-    rather than on N rows at every step: one large batch instead of 2 * T small ones (measured in the README's
-    Performance section). In place and without host syncs, like the rollout step: on a GPU it is recorded as one
-    CUDA graph (not compiled: it runs once per iteration, and compiling it would lengthen the start-up)."""
-
-    @torch.no_grad()
-    def finish_rollout() -> None:
-        T, N = storage.rewards.shape
-        storage.values.copy_(agent.get_value(storage.obs.view(T * N, -1)).view(T, N))
-        # Time-outs are not failures: bootstrap with the value of the last observation of the episode.
-        final_values = agent.get_value(storage.final_obs.view(T * N, -1)).view(T, N)
-        storage.rewards.add_(args.gamma * final_values * storage.truncated)
-        next_value = agent.get_value(normalizer(storage.next_obs))
-        advantages, returns = compute_gae(storage.rewards, storage.values, storage.dones, next_value, args.gamma,
-                                          args.gae_lambda)
-        storage.advantages.copy_(advantages)
-        storage.returns.copy_(returns)
-
-    return finish_rollout
+    Returns (loss, stats) with stats = (value loss, policy loss, entropy, old approx KL, approx KL, clip fraction).
+    The value loss is rsl_rl's: the clipped squared error without CleanRL's factor 0.5. The KL is CleanRL's
+    estimator from the sampled actions' log-ratios (Schulman's k3), where rsl_rl uses the Gaussians' exact KL."""
+    obs, actions = storage.obs.flatten(0, 1)[mb], storage.actions.flatten(0, 1)[mb]
+    old_logprobs, old_values = storage.logprobs.flatten()[mb], storage.values.flatten()[mb]
+    advantages, returns = storage.advantages.flatten()[mb], storage.returns.flatten()[mb]
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+    logratio = newlogprob - old_logprobs
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+    if args.clip_vloss:
+        v_clipped = old_values + (newvalue - old_values).clamp(-args.clip_coef, args.clip_coef)
+        v_loss = torch.max((newvalue - returns).square(), (v_clipped - returns).square()).mean()
+    else:
+        v_loss = (newvalue - returns).square().mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+    return loss, torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
 
 
-def make_ppo_update(agent: ActorCritic, optimizer: torch.optim.Optimizer, storage: RolloutStorage, args: Args):
-    """PPO's clipped surrogate on the rollout in `storage` (advantages and returns filled by finish_rollout):
-    update_epochs passes over shuffled minibatches.
-
-    Returns update() -> the losses and statistics as device tensors (reading them is the
-    caller's one host sync). One minibatch step (forward, backward, gradient clipping, Adam, learning rate) reads
-    its rows through the index tensor `mb` and writes everything in place, so that on a GPU it is recorded once
-    as a CUDA graph and replayed (--cudagraphs): a few hundred small kernels at the cost of one launch."""
-    device = storage.obs.device
-    batch_size = storage.rewards.numel()
-    minibatch_size = batch_size // args.num_minibatches
-    b_obs, b_actions = storage.obs.view(batch_size, -1), storage.actions.view(batch_size, -1)
-    b_logprobs, b_values = storage.logprobs.view(-1), storage.values.view(-1)
-    b_advantages, b_returns = storage.advantages.view(-1), storage.returns.view(-1)
-    mb = torch.zeros(minibatch_size, dtype=torch.long, device=device)  # the rows of the current minibatch
-    lr = optimizer.param_groups[0]["lr"]  # a tensor on the device, shared by every parameter group
-    last = torch.zeros(4, device=device)  # value loss, policy loss, entropy, old approx KL of the last minibatch
-    sums = torch.zeros(2, device=device)  # approx KL and clip fraction, summed over the minibatches
-
-    def minibatch_losses():
-        _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-        logratio = newlogprob - b_logprobs[mb]
-        ratio = logratio.exp()
-        with torch.no_grad():
-            old_approx_kl = (-logratio).mean()
-            approx_kl = ((ratio - 1) - logratio).mean()
-            clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-        mb_adv = b_advantages[mb]
-        if args.norm_adv:
-            mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-        pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-        if args.clip_vloss:
-            v_clipped = b_values[mb] + (newvalue - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
-            v_loss = 0.5 * torch.max((newvalue - b_returns[mb]).square(), (v_clipped - b_returns[mb]).square()).mean()
-        else:
-            v_loss = 0.5 * (newvalue - b_returns[mb]).square().mean()
-        entropy_loss = entropy.mean()
-        loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
-        return loss, v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac
-
-    losses_fn = torch.compile(minibatch_losses, dynamic=False) if args.compile else minibatch_losses
-
-    def minibatch_step() -> None:
-        loss, v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac = losses_fn()
-        optimizer.zero_grad(set_to_none=True)  # in a CUDA graph, backward then writes the gradients (no zeroing pass)
-        loss.backward()
-        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-        optimizer.step()
-        # KL-adaptive learning rate (rsl_rl's schedule): keep each update's step in policy space steady.
-        # Computed on the device: no .item(), so the GPU never waits for Python between minibatches.
-        if args.desired_kl > 0:
-            factor = torch.where(approx_kl > 2.0 * args.desired_kl, 1 / 1.5,
-                                 torch.where(approx_kl < args.desired_kl / 2.0, 1.5, 1.0))
-            lr.copy_((lr * factor).clamp(1e-5, 1e-2))
-        with torch.no_grad():
-            last.copy_(torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl]))
-            sums.add_(torch.stack([approx_kl, clipfrac]))
-
-    run_minibatch_step = ec.cuda_graphed(minibatch_step, device) if args.cudagraphs else minibatch_step
-
-    def update() -> dict[str, torch.Tensor]:
-        sums.zero_()
-        for _ in range(args.update_epochs):
-            perm = torch.randperm(batch_size, device=device)
-            for start in range(0, batch_size, minibatch_size):
-                mb.copy_(perm[start:start + minibatch_size])
-                run_minibatch_step()
-        explained_var = 1 - (b_returns - b_values).var() / b_returns.var().clamp(min=1e-8)
-        n = args.update_epochs * args.num_minibatches
-        return {"value_loss": last[0], "policy_loss": last[1], "entropy": last[2], "old_approx_kl": last[3],
-                "approx_kl": sums[0] / n, "clipfrac": sums[1] / n, "explained_variance": explained_var,
-                "action_std": agent.actor_logstd.exp().mean(), "learning_rate": lr}
-
-    return update
+def ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args: Args, loss_fn=ppo_loss) -> None:
+    """One minibatch step: the loss, the KL-adaptive learning rate, backward, gradient clipping, Adam. Adds the
+    loss's stats to `update_stats` (6,). In place and without host syncs (a CUDA graph on a GPU)."""
+    loss, stats = loss_fn(agent, storage, mb, args)
+    if args.desired_kl > 0:
+        # rsl_rl's schedule, set from this minibatch's KL before its step; the rate is a device tensor (no sync)
+        lr, kl = optimizer.param_groups[0]["lr"], stats[4]
+        factor = torch.where(kl > 2.0 * args.desired_kl, 1 / 1.5, torch.where(kl < args.desired_kl / 2.0, 1.5, 1.0))
+        lr.copy_((lr * factor).clamp(1e-5, 1e-2))
+    optimizer.zero_grad(set_to_none=True)  # in a CUDA graph, backward then writes the gradients (no zeroing pass)
+    loss.backward()
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    optimizer.step()
+    update_stats.add_(stats)
 
 
-class DeployedPolicy(nn.Module):
-    """Raw observation -> joint action, with the normalizer folded in: what a robot runs."""
-
-    def __init__(self, normalizer: ObservationNormalizer, actor: nn.Module):
-        super().__init__()
-        self.normalizer, self.actor = normalizer, actor
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.actor(self.normalizer(obs)).clamp(-100.0, 100.0)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: write a temporary file, then rename over the target, so a kill never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, device: torch.device) -> dict:
-    if os.path.isdir(path):
-        raise UserError(f"--checkpoint {path} is a directory: give a file in it, e.g. {Path(path) / 'latest.pt'}")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path} (look in runs/<run>/checkpoints/)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file: one message
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated or not a "
-                        "checkpoint; use another one, e.g. runs/<run>/checkpoints/latest.pt") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        raise UserError(f"{path} is not a checkpoint of {SCRIPT}.py (it comes from "
-                        f"{ckpt.get('script', 'something else') if isinstance(ckpt, dict) else 'something else'})")
-    if (ckpt["obs_dim"], ckpt["act_dim"]) != (Go1Env.num_obs, Go1Env.num_actions):
-        raise UserError(f"{path} has {ckpt['obs_dim']} observations and {ckpt['act_dim']} actions; "
-                        f"this task has {Go1Env.num_obs} and {Go1Env.num_actions}")
-    return ckpt
+# ==================================================================================================================
+# Evaluation and video
+# ==================================================================================================================
+EVAL_UNITS = {"lin_vel_error": "m/s", "lin_vel_error_steady": "m/s", "yaw_rate_error": "rad/s",
+              "yaw_rate_error_steady": "rad/s", "episode_length_s": "s"}
 
 
 @torch.no_grad()
-def evaluate(agent, normalizer, device, args, num_envs: int) -> dict[str, float]:
-    """Deterministic policy on fresh environments and commands, for eval_episodes full episodes per environment
-    (an environment that falls starts a new episode and counts one fall)."""
-    # Random numbers of its own (the same environments at every evaluation); training's generator is left where it was.
-    with ec.separate_rng(args.seed + 10_000, device):
-        env = Go1Env(num_envs, device, args)
+def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, float]:
+    """The deterministic policy on fresh environments and commands for eval_episodes episode lengths (a robot that
+    falls starts a new episode). Tracking errors overall and steady-state; falls with a 95% Wilson interval."""
+    with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's rng untouched
+        env = Go1Env(num_envs, device, Go1Config.from_args(args))
         obs = env.reset()
 
         def eval_step():
@@ -774,181 +718,99 @@ def evaluate(agent, normalizer, device, args, num_envs: int) -> dict[str, float]
         run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
         for _ in range(env.max_episode_length * args.eval_episodes):
             run_eval_step()
-        stats = env.pop_stats()
-        return {"lin_vel_error": stats["lin_vel_error"], "yaw_rate_error": stats["yaw_rate_error"],
-                "fall_rate": stats.get("fall_rate", 0.0), "episode_length_s": stats.get("episodic_length_s", 0.0),
-                "episodes": stats.get("episodes", 0.0)}
-
-
-def speed_gauge(frame: np.ndarray, command: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Draw three gauges (vx, vy, yaw rate; range -1.5..1.5) at the top of a video frame: green = command,
-    red = actual. Plain NumPy, so no font or GUI toolkit is needed."""
-    frame = frame.copy()
-    h, w, _ = frame.shape
-    for row, (c, a) in enumerate(zip(command, actual)):
-        y = 8 + row * 14
-        frame[y:y + 8, 10:w - 10] = 40
-        frame[y:y + 8, w // 2] = 255
-        for value, color in ((c, (0, 220, 0)), (a, (230, 30, 30))):
-            x = int(w / 2 + np.clip(value / 1.5, -1, 1) * (w / 2 - 12))
-            frame[y:y + 8, max(x - 2, 0):x + 2] = color
-    return frame
+        s = env.pop_stats()
+    low, high = ec.wilson_interval(s["falls"], s["episodes"])
+    return {"lin_vel_error": s["lin_vel_error"], "lin_vel_error_steady": s["lin_vel_error_steady"],
+            "yaw_rate_error": s["yaw_rate_error"], "yaw_rate_error_steady": s["yaw_rate_error_steady"],
+            "fall_rate": s.get("fall_rate", 0.0), "fall_rate_ci95_low": low, "fall_rate_ci95_high": high,
+            "episodes": int(s["episodes"]), "episode_length_s": s.get("episodic_length_s", 0.0)}
 
 
 @torch.no_grad()
-def record_video(agent, normalizer, device, args, path: Path) -> None:
-    """One environment under the deterministic policy, rendered on the host (outside the training loop)."""
-    # Random numbers of its own (the same episode in every video); training's generator is left where it was.
+def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
+    """One environment under the deterministic policy, rendered on the host, with gauges of commanded (green) and
+    actual (red) velocity; the velocities frame by frame go to a JSON file beside the mp4."""
     with ec.separate_rng(args.seed + 20_000, device):
-        env = Go1Env(1, device, args)
-        renderer = ec.Renderer(env.sim, width=640, height=480, camera="track")
+        env = Go1Env(1, device, Go1Config.from_args(args))
         obs, frames, log = env.reset(), [], []
-        try:
+        with ec.Renderer(env.sim, camera="track") as renderer:
             for _ in range(args.video_length):
                 obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
                 command = env.commands[0].cpu().numpy()
                 actual = torch.cat([env.base_lin_vel[0, :2], env.root_ang_vel_b[0, 2:]]).cpu().numpy()
-                frames.append(speed_gauge(renderer.render(0), command, actual))
+                frames.append(ec.draw_gauges(renderer.render(0), command, actual, span=1.5))
                 log.append({"t": len(log) * env.dt, "command": command.tolist(), "actual": actual.tolist()})
-        finally:
-            renderer.close()
-        ec.save_video(frames, path, fps=1.0 / env.dt)
-        path.with_suffix(".json").write_text(json.dumps(log))  # commanded vs actual velocity, frame by frame
-
-
-def run_dir_of(ckpt_path: str) -> Path:
-    """runs/<run>/ for runs/<run>/checkpoints/x.pt; else the checkpoint's own folder."""
-    folder = Path(ckpt_path).resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
-
-
-def export_policy(agent, normalizer, ckpt_path: str) -> list[Path]:
-    out_dir = run_dir_of(ckpt_path) / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    policy = DeployedPolicy(normalizer, agent.actor).cpu().eval()
-    example = torch.zeros(1, Go1Env.num_obs)
-    written = [out_dir / "policy.pt"]
-    torch.jit.trace(policy, example).save(str(written[0]))
-    try:
-        torch.onnx.export(policy, (example,), str(out_dir / "policy.onnx"), input_names=["obs"],
-                          output_names=["actions"], dynamic_axes={"obs": {0: "batch"}}, dynamo=False)
-        written.append(out_dir / "policy.onnx")
-    except Exception as e:  # noqa: BLE001 - ONNX is optional: TorchScript was written
-        print(f"note: ONNX export skipped ({type(e).__name__}: {e}); pip install onnx to enable it")
-    return written
+    ec.save_video(frames, path, fps=1.0 / env.dt)
+    ec.write_json(path.with_suffix(".json"), log)
 
 
 # ==================================================================================================================
-# Main: PPO
+# Main: set-up, then the training loop
 # ==================================================================================================================
-def check_args(args: Args) -> None:
-    """Reject bad input before anything is created or written."""
-    for name in ("num_envs", "num_iterations", "num_steps", "num_minibatches", "update_epochs", "save_interval",
-                 "video_interval", "video_length", "eval_envs", "eval_episodes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("lin_vel_x_range", "lin_vel_y_range", "ang_vel_yaw_range"):
-        lo, hi = getattr(args, name)
-        if lo > hi:
-            raise UserError(f"--{name.replace('_', '-')} {lo} {hi}: give the lower bound first")
-    if args.solver is not None and min(args.solver) < 1:
-        raise UserError(f"--solver {args.solver[0]} {args.solver[1]}: both iteration counts must be at least 1 "
-                        "(go1.xml's are 4 and 8)")
-    if (args.eval or args.export) and not args.checkpoint:
-        raise UserError(f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint "
-                        "runs/<run>/checkpoints/latest.pt")
-    if args.num_envs is not None and (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise UserError(f"the batch of num_envs * num_steps = {args.num_envs * args.num_steps} does not split into "
-                        f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs")
-
-
-# GPU memory per environment at the default sizes (simulation, rollout storage, update activations): the slope of the
-# memory in use against --num-envs in tests/benchmark_throughput.py on an H100 is 0.15 MB at 24 steps; --no-bf16 adds
-# 0.13 MB (float32 activations, measured at 4096 environments). 0.29 MB, to cover both.
+# GPU memory per environment and rollout step (simulation, storage, update activations; --no-bf16 included): the
+# slope of memory against --num-envs measured by tests/benchmark_throughput.py (README, Performance).
 BYTES_PER_ENV_STEP = 12 * 1024
-
-
-def fault_note(stats: dict) -> str:
-    """The iteration line's mention of simulation faults, only when there were any."""
-    n, o = int(stats["nonfinite_resets"]), int(stats["overflows"])
-    return f" | reset {n} blown-up, {o} overflowed" if n or o else ""
-
-
-def check_wandb_login() -> None:
-    """--track with no credentials would stop at wandb's interactive prompt or fail after start-up: say it now."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
-        return
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        if netrc.netrc().authenticators(host):  # where `wandb login` keeps the key
-            return
-    except (OSError, netrc.NetrcParseError):
-        pass
-    raise UserError("--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
-                    "offline with WANDB_MODE=offline (then `wandb sync` later)")
 
 
 def main(args: Args) -> None:
     check_args(args)
     device = ec.resolve_device(args.device)
-    if device.type == "cpu" and (args.num_envs is None or args.num_iterations is None):
+    if device.type == "cpu" and not (args.eval or args.export) and None in (args.num_envs, args.num_iterations):
         print(f"note: no GPU in use, so running small on the CPU (--num-envs {args.num_envs or 32}, --num-iterations "
-              f"{args.num_iterations or 5}); this shows the pipeline, learning to walk needs a GPU", flush=True)
+              f"{args.num_iterations or 5}): this shows the pipeline; learning to walk needs a GPU", flush=True)
     args.num_envs = args.num_envs or (4096 if device.type == "cuda" else 32)
     args.num_iterations = args.num_iterations or (500 if device.type == "cuda" else 5)
-    args.compile = args.compile and device.type == "cuda"  # on the CPU, compiling costs more than it saves
     check_args(args)
+    ec.note_gpu_only_flags(args, device)
+    requested_speed = ec.gpu_speed_flags(args, device)
     ec.check_memory(device, args.num_envs, args.num_steps * BYTES_PER_ENV_STEP)
     if args.capture_video:
         ec.Renderer.check_available()
     if args.track and not (args.eval or args.export):
-        check_wandb_login()
+        ec.check_wandb_login()
+    ckpt = ec.load_checkpoint(args.checkpoint, device, SCRIPT) if args.checkpoint else None
     ec.seed_everything(args.seed, args.torch_deterministic)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    ckpt = load_checkpoint(args.checkpoint, device) if args.checkpoint else None
 
-    agent = ActorCritic(Go1Env.num_obs, Go1Env.num_actions, args.init_noise_std).to(device)
-    agent.bf16 = args.bf16 and device.type == "cuda"
-    normalizer = ObservationNormalizer(Go1Env.num_obs, clip=args.obs_clip).to(device)
-    # The learning rate is a tensor on the device, so that ppo_update's KL-adaptive schedule changes it without a
-    # host sync; the fused Adam kernel (GPU) reads it from there.
+    env = Go1Env(args.num_envs, device, Go1Config.from_args(args))
+    if ckpt is not None:
+        ec.check_checkpoint_dims(ckpt, args.checkpoint, env.num_obs, env.num_actions)
+    agent = ActorCritic(env.num_obs, env.num_actions, args.init_noise_std, bf16=args.bf16).to(device)
+    normalizer = ObservationNormalizer(env.num_obs, clip=args.obs_clip).to(device)
+    # The learning rate is a device tensor, so that the KL-adaptive schedule changes it without a host sync.
     optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
-                                 fused=device.type == "cuda", capturable=device.type == "cuda" and args.cudagraphs)
+                                 fused=device.type == "cuda", capturable=args.cudagraphs)
     start_iteration, global_step = 1, 0
     if ckpt is not None:
         agent.load_state_dict(ckpt["model"])
         normalizer.load_state_dict(ckpt["normalizer"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ec.load_optimizer_state(optimizer, ckpt["optimizer"])
         start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
         if start_iteration > args.num_iterations and not (args.eval or args.export):
             raise UserError(f"{args.checkpoint} is at iteration {ckpt['iteration']} already: pass a larger "
                             f"--num-iterations to train on")
 
     if args.export:
-        for path in export_policy(agent, normalizer, args.checkpoint):
+        out_dir = ec.run_dir_of(args.checkpoint) / "export"
+        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=100.0), env.num_obs, out_dir):
             print(f"wrote {path}")
         return
     if args.eval:
-        print(f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...")
+        print(f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
+              flush=True)
         metrics = evaluate(agent, normalizer, device, args, args.num_envs)
-        print(json.dumps(metrics, indent=2))
-        out = run_dir_of(args.checkpoint) / "eval.json"
-        out.write_text(json.dumps({"checkpoint": args.checkpoint, **metrics}, indent=2))
+        ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
+        out = ec.run_dir_of(args.checkpoint) / "eval.json"
+        ec.write_json(out, {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics})
+        print(f"wrote {out}")
         if args.capture_video:
-            video = out.with_name("eval_video.mp4")  # its frame log, eval_video.json, leaves eval.json alone
+            video = out.with_name("eval_video.mp4")
             record_video(agent, normalizer, device, args, video)
             print(f"wrote {video}")
         return
 
-    # Everything that may fail on bad input or memory comes before anything is written.
-    env = Go1Env(args.num_envs, device, args)
+    # ---- The rollout storage, and where the environments start ----
     T, N = args.num_steps, args.num_envs
-    # Rollout storage, preallocated on the device, and the rollout step (one CUDA graph on a GPU, --cudagraphs).
-    storage = RolloutStorage.allocate(T, N, Go1Env.num_obs, Go1Env.num_actions, device)
+    storage = RolloutStorage.allocate(T, N, env.num_obs, env.num_actions, device)
     if ckpt is not None and "env" in ckpt and ckpt["args"]["num_envs"] == N:
         storage.next_obs.copy_(env.load_state_dict(ckpt["env"]))  # exactly where the checkpoint stopped
         ec.set_rng_state(ckpt["rng"])
@@ -958,139 +820,140 @@ def main(args: Args) -> None:
                   "environments start afresh", flush=True)
         storage.next_obs.copy_(env.reset())
         env.desynchronize()
-    rollout_step = make_rollout_step(env, agent, normalizer, storage, args)
-    run_rollout_step = ec.cuda_graphed(rollout_step, device) if args.cudagraphs else rollout_step
-    finish_rollout = make_finish_rollout(agent, normalizer, storage, args)
-    run_finish_rollout = ec.cuda_graphed(finish_rollout, device) if args.cudagraphs else finish_rollout
-    ppo_update = make_ppo_update(agent, optimizer, storage, args)
+    batch_size = T * N
+    minibatch_size = batch_size // args.num_minibatches
+    mb = torch.zeros(minibatch_size, dtype=torch.long, device=device)  # the rows of the current minibatch
+    update_stats = torch.zeros(6, device=device)
 
-    # A resumed run keeps writing into its own directory.
-    if ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints":
-        run_dir = run_dir_of(args.checkpoint)
-    else:
-        run_dir = Path("runs") / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = run_dir.name
-    if args.track:
-        try:
-            import wandb  # only --track needs it
-        except ImportError:
-            raise UserError("--track needs wandb: pip install wandb") from None
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # flush_secs: a killed run loses at most 10 s of curves; purge_step: a resumed run drops what the killed one
-    # logged after its checkpoint, so that no curve doubles back.
-    writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=global_step + 1 if ckpt is not None else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"{run_name}: {args.num_envs} environments on {device}, {args.num_iterations} iterations of "
-          f"{args.num_steps} steps", flush=True)
+    # ---- Speed (LeanRL's way): the same plain functions, compiled and recorded as CUDA graphs on a GPU ----
+    step_fn = torch.compile(rollout_step, dynamic=False) if args.compile else rollout_step
+    loss_fn = torch.compile(ppo_loss, dynamic=False) if args.compile else ppo_loss
+    if args.compile:  # torch's own random kernels, as in eager mode: --compile changes the speed, not the rollout
+        torch._inductor.config.fallback_random = True
+    graphed = ec.cuda_graphed if args.cudagraphs else (lambda fn, _device: fn)
+    run_rollout_step = graphed(lambda: step_fn(env, agent, normalizer, storage), device)
+    run_finish_rollout = graphed(lambda: finish_rollout(agent, normalizer, storage, args), device)
+    run_minibatch_update = graphed(
+        lambda: ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device)
 
-    # Ctrl-C or SIGTERM (a pre-empted job): finish the iteration, write a checkpoint, close the logs, exit.
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
-              "(send it again to stop at once)", flush=True)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
-
-    start_time = PROCESS_START
-    print(f"start-up took {time.time() - start_time:.1f} s", flush=True)
+    # ---- The run folder and its loggers (a resumed run keeps writing into its own folder) ----
+    resuming = ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints"
+    run_dir = ec.run_dir_of(args.checkpoint) if resuming else ec.new_run_dir(args.exp_name, args.seed)
+    logger = ec.Logger(run_dir, dataclasses.asdict(args), args.track, args.wandb_project_name, args.wandb_entity,
+                       resume_step=global_step if ckpt is not None else None,
+                       wandb_id=ckpt.get("wandb_id") if resuming else None)
+    ec.write_config(run_dir, SCRIPT, args, device)
+    stop = ec.StopRequest()
+    print(f"{run_dir.name}: {N} environments on {ec.device_name(device)}, iterations {start_iteration} to "
+          f"{args.num_iterations} of {T} steps; start-up took {time.time() - PROCESS_START:.1f} s", flush=True)
     if args.compile:
-        print("torch.compile: the first iteration compiles the rollout step and the update (about 30 s the first "
-              "time, seconds once torch's cache holds them; --no-compile skips this)", flush=True)
+        print("torch.compile: the first iteration compiles the rollout step and the loss (--no-compile skips this)",
+              flush=True)
+
+    last_checkpoint, last_eval, eval_time, iteration_times = None, {}, 0.0, []
     for iteration in range(start_iteration, args.num_iterations + 1):
-        # ---------------- rollout: no host synchronisation in here ----------------
-        t_rollout = time.perf_counter()
+        t_start = time.perf_counter()
+        # ---- Rollout: num_steps steps of every environment, no host synchronisation ----
         storage.step.zero_()
         for _ in range(T):
-            run_rollout_step()
-        run_finish_rollout()  # values, time-out bootstrap, GAE
-        global_step += T * N
+            run_rollout_step()  # rollout_step(): normalize, act, simulate, store
+        run_finish_rollout()  # finish_rollout(): values, time-out bootstrap, GAE
+        global_step += batch_size
         if device.type == "cuda":
-            torch.cuda.synchronize()  # so the phase timings below are real, not queued work
-        t_rollout = time.perf_counter() - t_rollout
+            torch.cuda.synchronize()  # so that the phase timings are real, not queued work
+        t_rollout = time.perf_counter() - t_start
 
-        # ---------------- PPO update ----------------
-        t_update = time.perf_counter()
-        losses = ppo_update()
-        losses = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # the iteration's one wait for the GPU
-        t_update = time.perf_counter() - t_update
+        # ---- PPO update: update_epochs passes over shuffled minibatches ----
+        update_stats.zero_()
+        for _epoch in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb.copy_(perm[start : start + minibatch_size])
+                run_minibatch_update()  # ppo_loss(), KL-adaptive learning rate, backward, clip, Adam
+        nonfinite = ec.nonfinite_tensors({"agent": agent, "normalizer": normalizer})
+        explained_var = 1 - (storage.returns - storage.values).var() / storage.returns.var().clamp(min=1e-8)
+        values = torch.cat([update_stats / (args.update_epochs * args.num_minibatches), explained_var[None],
+                            agent.actor_logstd.exp().mean()[None], optimizer.param_groups[0]["lr"].view(1),
+                            nonfinite.float()[None]]).tolist()  # the iteration's one wait for the device
+        losses = dict(zip(["value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
+                           "explained_variance", "action_std", "learning_rate", "nonfinite"], values))
+        t_update = time.perf_counter() - t_start - t_rollout
+        if losses["nonfinite"] or not all(map(math.isfinite, values)):
+            bad = ec.nonfinite_names({"agent": agent, "normalizer": normalizer}) or [
+                k for k, v in losses.items() if not math.isfinite(v)]
+            print(f"error: training became non-finite at iteration {iteration} ({', '.join(bad[:4])}); nothing was "
+                  f"saved from it. Last good checkpoint: {last_checkpoint or args.checkpoint or 'none yet'}. Try a "
+                  "lower --learning-rate or --max-grad-norm", file=sys.stderr, flush=True)
+            logger.close()
+            sys.exit(3)
 
-        # ---------------- logging (one host sync per iteration) ----------------
+        # ---- Logging: one host sync per iteration ----
         stats = env.pop_stats()
-        sps = int(T * N / (t_rollout + t_update))
-        scalars = {
-            "charts/SPS": sps, "charts/learning_rate": losses["learning_rate"], "charts/action_std": losses["action_std"],
-            **{f"losses/{k}": losses[k] for k in ("value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl",
-                                                   "clipfrac", "explained_variance")},
-            "perf/rollout_time": t_rollout, "perf/update_time": t_update,
-            "perf/wall_time": time.time() - start_time,
-            "metrics/lin_vel_error": stats["lin_vel_error"], "metrics/yaw_rate_error": stats["yaw_rate_error"],
-            "charts/nonfinite_resets": stats["nonfinite_resets"], "charts/overflows": stats["overflows"],
-        }
-        if "episodes" in stats:
+        iteration_times.append(time.perf_counter() - t_start)
+        sps = int(batch_size / iteration_times[-1])
+        wall = time.time() - PROCESS_START
+        scalars = {"charts/SPS": sps, "charts/learning_rate": losses["learning_rate"],
+                   "charts/action_std": losses["action_std"],
+                   **{f"losses/{k}": losses[k] for k in ("value_loss", "policy_loss", "entropy", "old_approx_kl",
+                                                         "approx_kl", "clipfrac", "explained_variance")},
+                   "perf/rollout_time": t_rollout, "perf/update_time": t_update, "perf/wall_time": wall,
+                   "metrics/lin_vel_error": stats["lin_vel_error"], "metrics/yaw_rate_error": stats["yaw_rate_error"],
+                   "charts/nonfinite_resets": stats["nonfinite_resets"], "charts/overflows": stats["overflows"]}
+        if "fall_rate" in stats:
             scalars.update({"charts/episodic_return": stats["episodic_return"],
                             "charts/episodic_length": stats["episodic_length_s"] / env.dt,
                             "metrics/fall_rate": stats["fall_rate"]})
             scalars.update({f"rewards/{n}": stats[f"reward_{n}"] for n in env.reward_names})
-        for k, v in scalars.items():
-            writer.add_scalar(k, v, global_step)
+        logger.scalars(scalars, global_step)
+        left = np.median(iteration_times[-20:]) * (args.num_iterations - iteration)
         print(f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
               f"return {stats.get('episodic_return', float('nan')):7.2f} | v err {stats['lin_vel_error']:.3f} m/s | "
               f"yaw err {stats['yaw_rate_error']:.3f} rad/s | falls {stats.get('fall_rate', float('nan')):.3f} | "
-              f"{time.time() - start_time:6.1f} s" + fault_note(stats), flush=True)
+              f"{ec.duration(wall)}, {ec.duration(left)} left" + ec.fault_note(stats), flush=True)
 
+        # ---- Evaluation, checkpoint, video ----
         last = iteration == args.num_iterations
-        if stop["signal"] is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
-            ev = evaluate(agent, normalizer, device, args, min(args.eval_envs, args.num_envs))
-            for k, v in ev.items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
-            writer.add_scalar("eval/wall_time", time.time() - start_time, global_step)
-            print(f"  eval: v err {ev['lin_vel_error']:.3f} m/s | yaw err {ev['yaw_rate_error']:.3f} rad/s | "
-                  f"falls {ev['fall_rate']:.3f} | training wall time {time.time() - start_time:.1f} s", flush=True)
-        if iteration % args.save_interval == 0 or last or stop["signal"] is not None:
+        if stop.signal is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
+            t0 = time.time()
+            last_eval = evaluate(agent, normalizer, device, args, min(args.eval_envs, N))
+            logger.scalars({**{f"eval/{k}": v for k, v in last_eval.items()}, "eval/wall_time": t0 - PROCESS_START,
+                            "eval/wall_time_without_evals": t0 - PROCESS_START - eval_time}, global_step)
+            print(f"  eval: v err {last_eval['lin_vel_error']:.3f} m/s (steady {last_eval['lin_vel_error_steady']:.3f})"
+                  f" | yaw err {last_eval['yaw_rate_error']:.3f} rad/s | falls {last_eval['fall_rate']:.3f} "
+                  f"(95% CI {last_eval['fall_rate_ci95_low']:.3f}-{last_eval['fall_rate_ci95_high']:.3f}, "
+                  f"{last_eval['episodes']} episodes) | at {ec.duration(t0 - PROCESS_START)} "
+                  f"({ec.duration(t0 - PROCESS_START - eval_time)} without evaluations)", flush=True)
+            eval_time += time.time() - t0
+        if iteration % args.save_interval == 0 or last or stop.signal is not None:
             # Everything needed to go on exactly as if never stopped: the environments and every generator included.
             payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
                        "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
-                       "normalizer": normalizer.state_dict(), "args": dataclasses.asdict(args),
-                       "obs_dim": Go1Env.num_obs, "act_dim": Go1Env.num_actions,
-                       "env": env.state_dict(), "rng": ec.rng_state()}
-            save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
-            save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
-        if stop["signal"] is not None:
-            writer.close()
-            if args.track:
-                wandb.finish()
-            latest = run_dir / "checkpoints" / "latest.pt"
-            print(f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint {latest}",
-                  flush=True)
-            sys.exit(128 + stop["signal"])
+                       "normalizer": normalizer.state_dict(), "args": {**dataclasses.asdict(args), **requested_speed},
+                       "obs_dim": env.num_obs, "act_dim": env.num_actions, "env": env.state_dict(),
+                       "rng": ec.rng_state(), "wandb_id": logger.wandb_id}
+            ec.save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
+            ec.save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
+            last_checkpoint = run_dir / "checkpoints" / "latest.pt"
+        if stop.signal is not None:
+            logger.close()
+            print(f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint "
+                  f"{last_checkpoint}", flush=True)
+            sys.exit(128 + stop.signal)
         if args.capture_video and (iteration % args.video_interval == 0 or last):
+            t0 = time.time()
             video = run_dir / "videos" / f"iter_{iteration:06d}.mp4"
-            video.parent.mkdir(parents=True, exist_ok=True)
             record_video(agent, normalizer, device, args, video)
-            if args.track:
-                wandb.log({"videos/policy": wandb.Video(str(video), format="mp4"), "global_step": global_step})
+            logger.video(video, global_step)
+            eval_time += time.time() - t0
 
-    writer.close()
-    if args.track:
-        wandb.finish()
-    print(f"done: {run_dir}", flush=True)
+    # The run's figures in one file: the last evaluation and rollout, and where the time went.
+    ec.write_json(run_dir / "metrics.json", {
+        "iteration": args.num_iterations, "global_step": global_step, "wall_time_s": time.time() - PROCESS_START,
+        "eval_and_video_time_s": eval_time, "last_eval": last_eval, "last_rollouts": stats})
+    logger.close()
+    print(f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
+          flush=True)
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    try:
-        main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - only running out of memory is translated; anything else is a bug
-        if not ec.out_of_memory(e):
-            raise
-        print(f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a smaller "
-              "--num-envs, e.g. half", file=sys.stderr)
-        sys.exit(2)
+    ec.run_main(main, ARGS, Args, SCRIPT, TASK_ARGS)

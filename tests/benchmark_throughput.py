@@ -98,7 +98,7 @@ def bench_size(script, env_cls, num_envs: int, device, opts) -> dict:
     # Full PPO iterations, timed per phase as the scripts' loop does. The first two compile (with --compile),
     # record the CUDA graphs and load kernels; the fastest of the others is the least disturbed.
     rollout_times, update_times = [], []
-    for i in range(opts.iterations + 2):
+    for _ in range(opts.iterations + 2):
         t0 = time.perf_counter()
         rollout()
         sync(device)

@@ -3,6 +3,7 @@ on stderr that names the problem and its fix, print no traceback, and write noth
 
 The cases of each script run in one process (see DRIVER), then each is checked on its own."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +27,10 @@ CASES = [
     ("zero-envs", ["--device", "cpu", "--num-envs", "0"], {}, ["--num-envs", "at least 1"]),
     ("negative-envs", ["--device", "cpu", "--num-envs", "-1"], {}, ["--num-envs", "at least 1"]),
     ("zero-steps", [*CPU, "--num-steps", "0"], {}, ["--num-steps", "at least 1"]),
+    ("one-sample-minibatch", ["--device", "cpu", "--num-envs", "1", "--num-steps", "1", "--num-minibatches", "1"],
+     {}, ["minibatches of 1 sample", "--num-minibatches"]),
+    ("zero-noise-std", [*CPU, "--init-noise-std", "0"], {}, ["--init-noise-std", "positive standard deviation"]),
+    ("eval-and-export", [*CPU, "--eval", "--export", "--checkpoint", "{ckpts}/good.pt"], {}, ["--eval and --export"]),
     ("batch-does-not-split", ["--device", "cpu", "--num-envs", "3", "--num-steps", "3", "--num-minibatches", "2"], {},
      ["minibatches", "--num-minibatches"]),
     ("cuda-without-gpu", ["--device", "cuda", "--num-envs", "4"], {}, ["no CUDA GPU", "--device cpu"]),
@@ -46,9 +51,50 @@ CASES = [
 LOCOMOTION_ONLY = [("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"])]
 REACH_ONLY = [("unknown-control-type", [*CPU, "--control-type", "velocity"], {},
                ["--control-type", "torque, position or position_delta"]),
-              ("max-delta-above-one", [*CPU, "--max-delta", "2"], {}, ["--max-delta", "at most 1"])]
+              ("max-delta-above-one", [*CPU, "--max-delta", "2"], {}, ["--max-delta", "at most 1"]),
+              ("window-longer-than-hold", [*CPU, "--target-hold-s", "1", "--success-window-s", "2"], {},
+               ["--success-window-s", "--target-hold-s"])]
+
+# Every field of Args, each with a value outside its domain (the flag must be named in the message). Fields without
+# a value outside their domain (booleans: tyro accepts only true/false) are listed in NO_BAD_VALUE. A new field that
+# is in neither fails test_every_field_is_walked.
+COMMON_DOMAINS = {
+    "exp_name": "a/b", "seed": "-1", "device": "tpu", "wandb_project_name": "my project", "wandb_entity": "a b",
+    "video_interval": "0", "video_length": "0", "save_interval": "0", "checkpoint": "{ckpts}/nope.pt",
+    "num_envs": "0", "num_iterations": "0", "num_steps": "0", "learning_rate": "0", "desired_kl": "-0.01",
+    "gamma": "1.5", "gae_lambda": "nan", "num_minibatches": "0", "update_epochs": "0", "clip_coef": "0",
+    "ent_coef": "-1", "vf_coef": "0", "max_grad_norm": "inf", "init_noise_std": "0", "obs_clip": "-1",
+    "eval_interval": "-1", "eval_envs": "0", "eval_episodes": "0", "episode_length_s": "0.001",
+}
+TASK_DOMAINS = {
+    "locomotion": {"lin_vel_x_range": ["1", "-1"], "lin_vel_y_range": ["nan", "1"], "ang_vel_yaw_range": ["2", "1"],
+                   "command_resample_s": "0", "action_scale": "0", "solver": ["4", "0"]},
+    "reach": {"control_type": "velocity", "max_delta": "0", "target_hold_s": "0", "success_window_s": "-1",
+              "success_threshold": "0", "reset_noise": "-0.1"},
+}
+NO_BAD_VALUE = {"torch_deterministic", "track", "capture_video", "eval", "export", "tf32", "compile", "bf16",
+                "cudagraphs", "norm_adv", "clip_vloss", "only_positive_rewards"}
+FLAG_NAMES = {"device": "device", "checkpoint": "checkpoint"}  # messages that name the problem without the flag
+FIELD_CASES = []
+for _script in SCRIPTS:
+    for _field, _value in {**COMMON_DOMAINS, **TASK_DOMAINS[_script]}.items():
+        _values = _value if isinstance(_value, list) else [_value]
+        _flag = "--" + _field.replace("_", "-")
+        _base = ["--device", "cpu", "--num-envs", "4", "--num-iterations", "1"]
+        if _field in ("device", "num_envs", "num_iterations"):
+            _base = ["--num-envs", "4"] if _field != "num_envs" else ["--device", "cpu"]
+        FIELD_CASES.append((_script, f"field-{_field}", [*_base, _flag, *_values], {}, [FLAG_NAMES.get(_field, _flag)]))
 ALL = ([(s, *c) for s in SCRIPTS for c in CASES] + [("locomotion", *c) for c in LOCOMOTION_ONLY]
-       + [("reach", *c) for c in REACH_ONLY])
+       + [("reach", *c) for c in REACH_ONLY] + FIELD_CASES)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_field_is_walked(name):
+    """The table above covers every field of each script's Args: a new field needs a domain check and a case."""
+    fields = {f.name for f in dataclasses.fields(SCRIPTS[name].Args)}
+    walked = set(COMMON_DOMAINS) | set(TASK_DOMAINS[name]) | NO_BAD_VALUE
+    assert fields - walked == set(), f"fields without a bad-input case: {sorted(fields - walked)}"
+    assert {f for f in walked - fields if f not in NO_BAD_VALUE} == set(), "cases for fields that do not exist"
 
 
 def write_checkpoints(folder: Path, name: str) -> None:

@@ -40,34 +40,43 @@ def run(args, cwd, env=None, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """Two iterations with video and W&B (offline), as a user would run it."""
+def trained_run(tmp_path_factory, rendering_problem):
+    """Two iterations with video (where this machine can render) and W&B (offline), as a user would run it."""
     cwd = tmp_path_factory.mktemp("loco")
-    out = run([*TINY, "--num-iterations", "2", "--capture-video", "--video-interval", "2", "--video-length", "5",
-               "--track", "--save-interval", "1"], cwd)
+    video = [] if rendering_problem else ["--capture-video", "--video-interval", "2", "--video-length", "5"]
+    out = run([*TINY, "--num-iterations", "2", *video, "--track", "--save-interval", "1"], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     (run_dir,) = (cwd / "runs").iterdir()
     return cwd, run_dir, out.stdout
 
 
-def test_end_to_end_writes_logs_checkpoints_and_video(trained_run):
+def test_end_to_end_video(trained_run, rendering_problem):
+    if rendering_problem:
+        pytest.skip(rendering_problem)
+    cwd, run_dir, stdout = trained_run
+    video = run_dir / "videos" / "iter_000002.mp4"
+    assert video.stat().st_size > 1000
+    log = json.loads(video.with_suffix(".json").read_text())
+    assert len(log) == 5 and len(log[0]["command"]) == 3 and len(log[0]["actual"]) == 3
+
+
+def test_end_to_end_writes_logs_and_checkpoints(trained_run):
     cwd, run_dir, stdout = trained_run
     assert "iter     2/2" in stdout and "SPS" in stdout
     assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard events"
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["ckpt_000001.pt", "ckpt_000002.pt", "latest.pt"]
-    video = run_dir / "videos" / "iter_000002.mp4"
-    assert video.stat().st_size > 1000
-    log = json.loads(video.with_suffix(".json").read_text())
-    assert len(log) == 5 and len(log[0]["command"]) == 3 and len(log[0]["actual"]) == 3
-    assert list((cwd / "wandb").glob("offline-run-*")), "--track with WANDB_MODE=offline wrote no run"
+    assert list((run_dir / "wandb").glob("offline-run-*")), "--track (WANDB_MODE=offline) wrote no run"
+    assert not (cwd / "wandb").exists(), "W&B wrote outside the run folder"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["args"]["num_envs"] == 4 and config["device"] == "cpu"
     # The TensorBoard scalars that the issue names are there.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(run_dir)).Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ["charts/SPS", "charts/learning_rate", "charts/action_std", "losses/value_loss", "losses/policy_loss",
                 "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
-                "perf/rollout_time", "perf/update_time", "metrics/lin_vel_error",
+                "perf/rollout_time", "perf/update_time", "perf/wall_time", "metrics/lin_vel_error",
                 "metrics/yaw_rate_error"]:
         assert tag in tags, tag
 
@@ -84,16 +93,20 @@ def test_resume_continues_at_the_saved_iteration(trained_run):
     assert resumed["normalizer"]["count"].item() == saved["normalizer"]["count"].item() + 4 * 8
 
 
-def test_eval_prints_the_task_metrics(trained_run):
+def test_eval_prints_the_task_metrics(trained_run, rendering_problem):
     cwd, run_dir, _ = trained_run
-    out = run(["--device", "cpu", "--num-envs", "4", "--episode-length-s", "0.5", "--eval", "--capture-video",
-               "--video-length", "3", "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
+    video = [] if rendering_problem else ["--capture-video", "--video-length", "3"]
+    out = run(["--device", "cpu", "--num-envs", "4", "--episode-length-s", "0.5", "--eval", *video,
+               "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert (run_dir / "eval_video.mp4").stat().st_size > 1000 and (run_dir / "eval_video.json").exists()
+    if video:
+        assert (run_dir / "eval_video.mp4").stat().st_size > 1000 and (run_dir / "eval_video.json").exists()
     metrics = json.loads((run_dir / "eval.json").read_text())  # the metrics, not overwritten by the video's log
-    for key in ("lin_vel_error", "yaw_rate_error", "fall_rate", "episode_length_s"):
+    for key in ("lin_vel_error", "lin_vel_error_steady", "yaw_rate_error", "fall_rate", "fall_rate_ci95_high",
+                "episode_length_s"):
         assert key in out.stdout and math.isfinite(metrics[key])
-    assert 0.0 <= metrics["fall_rate"] <= 1.0 and metrics["episodes"] >= 4
+    assert 0.0 <= metrics["fall_rate_ci95_low"] <= metrics["fall_rate"] <= metrics["fall_rate_ci95_high"] <= 1.0
+    assert metrics["episodes"] >= 4
 
 
 def test_export_matches_the_scripts_own_policy(trained_run):
@@ -102,11 +115,11 @@ def test_export_matches_the_scripts_own_policy(trained_run):
     out = run(["--device", "cpu", "--export", "--checkpoint", str(ckpt_path)], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     ckpt = torch.load(ckpt_path, weights_only=False)
-    agent = loco.ActorCritic(loco.Go1Env.num_obs, loco.Go1Env.num_actions)
+    agent = loco.ActorCritic(ckpt["obs_dim"], ckpt["act_dim"])
     agent.load_state_dict(ckpt["model"])
-    normalizer = loco.ObservationNormalizer(loco.Go1Env.num_obs)
+    normalizer = loco.ObservationNormalizer(ckpt["obs_dim"])
     normalizer.load_state_dict(ckpt["normalizer"])
-    obs = torch.randn(64, loco.Go1Env.num_obs) * 2
+    obs = torch.randn(64, ckpt["obs_dim"]) * 2
     with torch.no_grad():
         expected = agent.act_deterministic(normalizer(obs))
     scripted = torch.jit.load(str(run_dir / "export" / "policy.pt"))
@@ -121,7 +134,7 @@ def test_export_matches_the_scripts_own_policy(trained_run):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def env():
-    return loco.Go1Env(2, torch.device("cpu"), loco.Args())
+    return loco.Go1Env(2, torch.device("cpu"))
 
 
 def _set_base(env, quat=(1.0, 0, 0, 0), lin_vel_w=(0, 0, 0), ang_vel_b=(0, 0, 0), height=None):
@@ -162,30 +175,30 @@ def test_reward_joint_and_action_terms(env):
     assert torch.allclose(env._reward_energy(), torch.full((2,), 6 * 6.0 + 6 * 3.0))
     env.last_dof_vel[:] = 2.0
     assert torch.allclose(env._reward_dof_acc(), torch.full((2,), 12 * (1.0 / env.dt) ** 2))
-    env.actions = torch.full((2, 12), 0.5)
+    env.actions[:] = 0.5
     env.last_actions[:] = 0.25
     assert torch.allclose(env._reward_action_rate(), torch.full((2,), 12 * 0.0625))
 
 
 def test_reward_contact_terms(env):
-    env.leg_contact = torch.tensor([[True, False, True, False, False, False, False, False], [False] * 8])
+    env.leg_contact[:] = torch.tensor([[True, False, True, False, False, False, False, False], [False] * 8])
     assert env._reward_collision().tolist() == [2.0, 0.0]
-    env.terminated = torch.tensor([True, False])
+    env.terminated[:] = torch.tensor([True, False])
     assert env._reward_termination().tolist() == [1.0, 0.0]
     # Feet air time: env 0 is commanded to walk; foot 0 swings for 0.6 s then lands: reward 0.6 - 0.5 on landing.
     env.commands[:] = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
     env.feet_air_time.zero_()
-    env.last_contacts = torch.ones(2, 4, dtype=torch.bool)
+    env.last_contacts[:] = True
     swing = torch.tensor([False, True, True, True])
     rewards = []
     steps_in_air = round(0.6 / env.dt)
     for k in range(steps_in_air + 2):
         if k == 0:
-            env.foot_contact = torch.ones(2, 4, dtype=torch.bool)  # all feet down
+            env.foot_contact[:] = True  # all feet down
         elif k < steps_in_air + 1:
-            env.foot_contact = swing.expand(2, 4).clone()  # foot 0 in the air
+            env.foot_contact[:] = swing  # foot 0 in the air
         else:
-            env.foot_contact = torch.ones(2, 4, dtype=torch.bool)  # touchdown
+            env.foot_contact[:] = True  # touchdown
         rewards.append(env._reward_feet_air_time())
     assert all(r[0] == 0 for r in rewards[:-1])
     # Air time counts from the second airborne step (the first is OR-ed with the previous contact, a flicker
@@ -223,7 +236,36 @@ def test_resets_stay_inside_the_joint_ranges():
 
 def test_solver_option_reaches_the_simulator():
     """`--solver` sets the Newton and line-search iterations of the model MuJoCo Warp steps; else go1.xml's apply."""
-    opt = loco.Go1Env(2, torch.device("cpu"), loco.Args()).sim.m.opt
+    opt = loco.Go1Env(2, torch.device("cpu")).sim.m.opt
     assert (opt.iterations, opt.ls_iterations) == (4, 8)
-    opt = loco.Go1Env(2, torch.device("cpu"), loco.Args(solver=(1, 5))).sim.m.opt
+    opt = loco.Go1Env(2, torch.device("cpu"), loco.Go1Config.from_args(loco.Args(solver=(1, 5)))).sim.m.opt
     assert (opt.iterations, opt.ls_iterations) == (1, 5)
+
+
+def test_resets_stay_inside_the_joint_ranges():
+    """legged_gym's home pose * U(0.5, 1.5) puts calves past their limits: every reset state must be inside."""
+    env = loco.Go1Env(2048, torch.device("cpu"))
+    torch.manual_seed(1)
+    for _ in range(3):
+        env.reset()
+        low, high = env.dof_lower, env.dof_upper
+        assert bool(((env.dof_pos >= low) & (env.dof_pos <= high)).all())
+    mjm = env.sim.mjm
+    np.testing.assert_allclose(env.dof_lower.numpy(), mjm.jnt_range[1:, 0], rtol=1e-6)
+
+
+def test_steady_state_error_leaves_out_the_second_after_a_command_change(env):
+    """lin_vel_error averages every step; lin_vel_error_steady only the steps at least 1 s after a command change."""
+    env.reset()
+    env.pop_stats()
+    env.commands[:] = torch.tensor([1.0, 0.0, 0.0])
+    steady_from = int(round(loco.STEADY_AFTER_S / env.dt))
+    no = torch.zeros(2, dtype=torch.bool)
+    for age in range(1, steady_from + 11):
+        env.command_age[:] = age
+        env.base_lin_vel[:] = torch.tensor([1.0 if age >= steady_from else 0.0, 0.0, 0.0])  # a step response
+        env.broken.zero_()
+        env._accumulate_stats(torch.zeros(2), no, no, no, no)
+    stats = env.pop_stats()
+    assert stats["lin_vel_error"] == pytest.approx((steady_from - 1) / (steady_from + 10))
+    assert stats["lin_vel_error_steady"] == pytest.approx(0.0)

@@ -1,8 +1,8 @@
 """The fast rollout path gives the same rollout as the plain one, in both scripts.
 
 Plain: the textbook loop, env.step() called from Python and its outputs collected in lists.
-Fast: what training runs, the script's make_rollout_step() writing in place into the preallocated RolloutStorage
-at a device-side row index, then make_finish_rollout() computing the critic's values and the time-out bootstrap for
+Fast: what training runs, the script's rollout_step() writing in place into the preallocated RolloutStorage
+at a device-side row index, then finish_rollout() computing the critic's values and the time-out bootstrap for
 the whole rollout at once; eager or torch.compile'd, and on a GPU (TEST_DEVICE=cuda) recorded once as CUDA graphs
 and replayed. Same seed, same policy: the observations, actions, log-probabilities, values, rewards, dones and GAE
 must agree. The same for the update: compiled (and graphed on a GPU) against plain eager torch.
@@ -27,6 +27,7 @@ import ppo_isaac_reach
 DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env), (ppo_isaac_reach, ppo_isaac_reach.ReachEnv)]
+CONFIGS = {ppo_isaac_locomotion: ppo_isaac_locomotion.Go1Config, ppo_isaac_reach: ppo_isaac_reach.ReachConfig}
 
 
 # torch.compile keeps torch's random draws in program order from torch 2.12 on (pytorch/pytorch#181136); before, the
@@ -45,12 +46,12 @@ def generator_free_rand(*shape, lo=0.0, hi=1.0):
 def make(script, env_cls, num_envs=8, generator_free=False, **overrides):
     args = script.Args(num_envs=num_envs, num_steps=6, device=str(DEVICE), seed=3, **overrides)
     ec.seed_everything(args.seed)
-    env = env_cls(num_envs, DEVICE, args)
+    env = env_cls(num_envs, DEVICE, CONFIGS[script].from_args(args))
     if generator_free:
         env._rand = generator_free_rand
     torch.manual_seed(7)
-    agent = script.ActorCritic(env_cls.num_obs, env_cls.num_actions, args.init_noise_std).to(DEVICE)
-    normalizer = script.ObservationNormalizer(env_cls.num_obs, clip=args.obs_clip).to(DEVICE)
+    agent = script.ActorCritic(env.num_obs, env.num_actions, args.init_noise_std).to(DEVICE)
+    normalizer = script.ObservationNormalizer(env.num_obs, clip=args.obs_clip).to(DEVICE)
     first_obs = env.reset()
     env.desynchronize()
     return args, env, agent, normalizer, first_obs
@@ -71,7 +72,7 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
     plain = {k: [] for k in ("obs", "actions", "logprobs", "values", "rewards", "dones")}
     plain_gae = []
     with torch.no_grad():
-        for it in range(iterations):
+        for _it in range(iterations):
             for _ in range(T):
                 normalizer.update(next_obs)
                 obs = normalizer(next_obs)
@@ -95,10 +96,13 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
     tol = 1e-3 if compile or DEVICE.type == "cuda" else 1e-5
     args, env, agent, normalizer, first_obs = make(script, env_cls, compile=compile, **short)
     torch.manual_seed(11)
-    storage = script.RolloutStorage.allocate(T, env.num_envs, env_cls.num_obs, env_cls.num_actions, DEVICE)
+    storage = script.RolloutStorage.allocate(T, env.num_envs, env.num_obs, env.num_actions, DEVICE)
     storage.next_obs.copy_(first_obs)
-    step = ec.cuda_graphed(script.make_rollout_step(env, agent, normalizer, storage, args), DEVICE)
-    finish = ec.cuda_graphed(script.make_finish_rollout(agent, normalizer, storage, args), DEVICE)
+    if compile:  # as main() applies it
+        torch._inductor.config.fallback_random = True
+    step_fn = torch.compile(script.rollout_step, dynamic=False) if compile else script.rollout_step
+    step = ec.cuda_graphed(lambda: step_fn(env, agent, normalizer, storage), DEVICE)
+    finish = ec.cuda_graphed(lambda: script.finish_rollout(agent, normalizer, storage, args), DEVICE)
     for it in range(iterations):
         storage.step.zero_()
         for _ in range(T):
@@ -138,29 +142,59 @@ def test_benchmark_prints_its_table_on_the_cpu(tmp_path, task):
 
 @pytest.mark.parametrize("script,env_cls", CASES, ids=lambda x: getattr(x, "__name__", ""))
 def test_fast_update_matches_the_plain_one(script, env_cls):
-    """Same rollout, same minibatch order: the update as training runs it (its losses torch.compile'd and, on a GPU,
+    """Same rollout, same minibatch order: the update as training runs it (its loss torch.compile'd and, on a GPU,
     each minibatch step recorded as a CUDA graph) leaves the same weights and learning rate as plain eager torch."""
     results = []
     for fast in (False, True):
         args, env, agent, normalizer, first_obs = make(script, env_cls, cudagraphs=fast, compile=fast)
         optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=DEVICE), eps=1e-5,
                                      fused=DEVICE.type == "cuda", capturable=fast and DEVICE.type == "cuda")
-        storage = script.RolloutStorage.allocate(args.num_steps, env.num_envs, env_cls.num_obs, env_cls.num_actions,
-                                                 DEVICE)
+        storage = script.RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, env.num_actions, DEVICE)
         storage.next_obs.copy_(first_obs)
-        plain_args = dataclasses.replace(args, compile=False)
-        step = script.make_rollout_step(env, agent, normalizer, storage, plain_args)
-        finish = script.make_finish_rollout(agent, normalizer, storage, plain_args)
-        update = script.make_ppo_update(agent, optimizer, storage, args)
+        batch = args.num_steps * env.num_envs
+        mb = torch.zeros(batch // args.num_minibatches, dtype=torch.long, device=DEVICE)
+        update_stats = torch.zeros(6, device=DEVICE)
+        loss_fn = torch.compile(script.ppo_loss, dynamic=False) if fast else script.ppo_loss
+        update = ec.cuda_graphed(
+            lambda: script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), DEVICE)
         torch.manual_seed(5)
         for _ in range(3):
             storage.step.zero_()
             for _ in range(args.num_steps):
-                step()
-            finish()
-            losses = update()
-        results.append(([p.detach().clone() for p in agent.parameters()], losses["learning_rate"].item()))
+                script.rollout_step(env, agent, normalizer, storage)
+            script.finish_rollout(agent, normalizer, storage, args)
+            for _ in range(args.update_epochs):
+                perm = torch.randperm(batch, device=DEVICE)
+                for start in range(0, batch, len(mb)):
+                    mb.copy_(perm[start : start + len(mb)])
+                    update()
+        results.append(([p.detach().clone() for p in agent.parameters()], optimizer.param_groups[0]["lr"].item()))
     (plain, lr_plain), (fast, lr_fast) = results
     assert lr_plain == pytest.approx(lr_fast)
     for a, b in zip(plain, fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("script,env_cls", CASES, ids=lambda x: getattr(x, "__name__", ""))
+def test_carried_state_is_written_in_place(script, env_cls):
+    """Forking safety: every tensor a step reads or writes keeps its storage from one step to the next, so the
+    recorded CUDA graph (GPU) never reads a stale buffer. A fork that rebinds carried state fails here on the CPU."""
+    env = env_cls(4, DEVICE)
+    env.reset()
+    actions = torch.zeros(4, env.num_actions, device=DEVICE)
+    assert ec.rebound_state(env, lambda: env.step(actions)) == []
+
+
+def test_a_rebinding_fork_is_caught():
+    """legged_gym writes `self.last_contacts = contact`: in a CUDA graph that silently freezes the carried state."""
+
+    class RebindingGo1(ppo_isaac_locomotion.Go1Env):
+        def _reward_feet_air_time(self):
+            reward = super()._reward_feet_air_time()
+            self.last_contacts = self.foot_contact.clone()  # the rebinding a careless fork would write
+            return reward
+
+    env = RebindingGo1(4, DEVICE)
+    env.reset()
+    actions = torch.zeros(4, env.num_actions, device=DEVICE)
+    assert ec.rebound_state(env, lambda: env.step(actions)) == ["last_contacts"]
