@@ -113,8 +113,8 @@ class Args:
     # Task
     control_type: str = "position_delta"
     """what an action commands: torque, position (a joint target) or position_delta (a target increment)"""
-    max_delta: float = 0.05
-    """position_delta: the largest change of a joint target per policy step (rad)"""
+    max_delta: float = 1.0
+    """position_delta: the largest change of a joint target per policy step, as a fraction of what its speed limit allows"""
     episode_length_s: float = 5.0
     """episode length in seconds (the arm cannot fail: every episode ends in a bootstrapped time-out)"""
     target_hold_s: float = 2.5
@@ -139,7 +139,7 @@ def check_args(args: Args) -> None:
     ec.check_range(args, "eval_episodes", 1, integer=True)
     if args.control_type not in CONTROL_TYPES:
         raise UserError(f"unknown --control-type {args.control_type!r}: use torque, position or position_delta")
-    ec.check_range(args, "max_delta", 0, lo_open=True)
+    ec.check_range(args, "max_delta", 0, 1, lo_open=True, hint="a fraction of the largest step the speed limits allow")
     for name in ("episode_length_s", "target_hold_s", "success_window_s"):
         ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
     if args.success_window_s > args.target_hold_s:
@@ -200,53 +200,108 @@ class ReachConfig:
 TASK_ARGS = tuple(f.name for f in dataclasses.fields(ReachConfig)) + ("obs_clip",)
 
 
-class ActionHandler:
-    """Policy actions in [-1, 1] -> the simulator's ctrl, one method per control type.
+# Speed limits. The arm's published joint speed limits and torque rate limit (Franka Control Interface documentation,
+# "Robot and interface specifications", Limits for Panda: 2.175 rad/s for joints 1-4, 2.61 rad/s for 5-7, 1000 N m/s)
+# are stored in panda.xml as <custom> numerics, read once. MuJoCo has no joint speed limit: each action mapping keeps
+# every actuator from driving a joint faster than SPEED_FRACTION of its limit; the rest is margin for what the
+# actuators cannot hold back, the motion of the other joints (near coaxial joints 1 and 3, or 5 and 7, one joint's
+# swing speeds up the other; the README gives the measured peaks, tests/test_reach.py checks them at every physics
+# step).
+SPEED_FRACTION = 0.6
+SPEED_LIMIT_FIELD, TORQUE_RATE_FIELD = "joint_speed_limit", "joint_torque_rate_limit"  # <numeric> names in the MJCF
 
-    Pure torch functions of (actions, current ctrl), so each mapping can be checked by hand:
-      torque:          ctrl = a * torque limit                     (the actuators were made plain motors)
-      position:        ctrl = lower + (a + 1) / 2 * (upper - lower) (a joint target anywhere in the range)
-      position_delta:  ctrl = clamp(ctrl + a * max_delta, range)    (the target moves from the PREVIOUS TARGET)
+
+def model_numeric(mjm, name: str, size: int) -> np.ndarray:
+    """The values of the MJCF's <numeric name=...> as a float array of shape (size,). Raises UserError if the model
+    has no such field or it holds another number of values."""
+    try:
+        values = np.array(mjm.numeric(name).data, dtype=np.float64)
+    except KeyError:
+        values = None
+    if values is None or values.shape != (size,):
+        raise UserError(f"{ASSET} needs <custom><numeric name=\"{name}\" data=\"...\"/></custom> with {size} values "
+                        "(one per actuator)")
+    return values
+
+
+class ActionHandler:
+    """Policy actions in [-1, 1] -> the simulator's ctrl, one method per control type, within the arm's speed limits.
+
+    Pure torch functions of (actions a, previous ctrl c, measured joint positions q), joint by joint, so each mapping
+    can be checked by hand; every limit below is a (nu,) tensor, positions in rad, torques in N m:
+      torque:          ctrl = c + clamp(a * torque_limit - c, +-max_torque_step)
+      position:        ctrl = clamp(c + clamp(goal - c, +-max_step), q +- max_lead, range),
+                       goal = lower + (a + 1) / 2 * (upper - lower)        (a goal anywhere in the range)
+      position_delta:  ctrl = clamp(c + a * max_delta * max_step, q +- max_lead, range)
+    with max_step = SPEED_FRACTION * speed_limit * dt (the most a target moves in a policy step), max_lead =
+    SPEED_FRACTION * speed_limit * kv / kp and max_torque_step = torque_rate_limit * dt (Franka's torque rate limit).
+    A target at most max_lead from its joint makes the servo's force kp * (target - q) - kv * qdot turn against the
+    motion before |qdot| reaches SPEED_FRACTION * speed_limit, at every physics step, however far the target ran ahead
+    or the joint fell behind (without it, the PD servo wound up behind targets moving at the limit and carried joints
+    to twice it). In torque mode the same holds through the motors themselves (make_torque_actuators), and the torque
+    rate limit spreads a torque reversal over several steps (torques jumping straight to action x limit carried joints
+    to 1.32 times their speed limits, the other joints' reaction outpacing the motors). The rate limits keep each
+    command's own speed within the limits; the lead bound only acts when a joint lags its target by more than the
+    servo needs at that speed.
     position_delta moves the previous target rather than the measured joint position: the PD loop always lags its
     target a little, and restarting from the measured angle would feed that lag (and sensor noise, on a robot) back
     into the command; integrating the target gives smooth commands, and zero action means "hold still".
+    Arguments, each of shape (nu,) unless a float: joint ranges lower, upper (rad), torque_limit (N m), max_delta (0 to
+    1, see Args), speed_limit (rad/s), the position servos' kp (N m/rad) and kv (N m s/rad), dt (the policy step, s),
+    torque_rate_limit (N m/s).
     """
 
-    def __init__(self, control_type: str, lower, upper, torque_limit, max_delta: float):
+    def __init__(self, control_type: str, lower, upper, torque_limit, max_delta: float, speed_limit, kp, kv, dt: float,
+                 torque_rate_limit):
         self.control_type = control_type
         self.lower, self.upper, self.torque_limit = lower, upper, torque_limit
         self.max_delta = max_delta
+        self.max_step = SPEED_FRACTION * speed_limit * dt
+        self.max_lead = SPEED_FRACTION * speed_limit * kv / kp
+        self.max_torque_step = torque_rate_limit * dt
 
-    def __call__(self, actions: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
+    def __call__(self, actions: torch.Tensor, ctrl: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """(N, nu) actions, the current (N, nu) ctrl and joint positions -> the next (N, nu) ctrl."""
         actions = actions.clamp(-1.0, 1.0)
         if self.control_type == "torque":  # a Python string: no device sync
-            return self.torque(actions)
+            return self.torque(actions, ctrl)
         if self.control_type == "position":
-            return self.position(actions)
-        return self.position_delta(actions, ctrl)
+            return self.position(actions, ctrl, qpos)
+        return self.position_delta(actions, ctrl, qpos)
 
-    def torque(self, actions):
-        return actions.clamp(-1.0, 1.0) * self.torque_limit
+    def torque(self, actions, torques):
+        change = actions.clamp(-1.0, 1.0) * self.torque_limit - torques
+        return torques + torch.clamp(change, -self.max_torque_step, self.max_torque_step)
 
-    def position(self, actions):
-        target = self.lower + (actions.clamp(-1.0, 1.0) + 1.0) * 0.5 * (self.upper - self.lower)
-        return torch.clamp(target, self.lower, self.upper)  # float rounding must not step past a limit
+    def position(self, actions, targets, qpos):
+        goal = self.lower + (actions.clamp(-1.0, 1.0) + 1.0) * 0.5 * (self.upper - self.lower)
+        return self._servo_target(targets + torch.clamp(goal - targets, -self.max_step, self.max_step), qpos)
 
-    def position_delta(self, actions, targets):
-        return torch.clamp(targets + actions.clamp(-1.0, 1.0) * self.max_delta, self.lower, self.upper)
+    def position_delta(self, actions, targets, qpos):
+        return self._servo_target(targets + actions.clamp(-1.0, 1.0) * self.max_delta * self.max_step, qpos)
+
+    def _servo_target(self, targets, qpos):
+        near = torch.clamp(targets, qpos - self.max_lead, qpos + self.max_lead)
+        return torch.clamp(near, self.lower, self.upper)  # last: float rounding must not step past a limit
 
     def reset_ctrl(self, qpos: torch.Tensor) -> torch.Tensor:
-        """ctrl at a reset: hold the start pose (position modes), or no torque (gravity is compensated)."""
+        """ctrl at a reset: hold the start pose (position modes), or no torque (gravity is compensated; Franka's
+        torque control also starts from zero)."""
         return torch.zeros_like(qpos) if self.control_type == "torque" else qpos
 
 
-def make_torque_actuators(mjm) -> None:
-    """Turn the asset's position servos into plain motors, in place on the host model: force = ctrl, with ctrl
-    limited to the torque limits (forcerange). Done before BatchedSim copies the model to the device."""
+def make_torque_actuators(mjm, no_load_speed) -> None:
+    """Turn the asset's position servos into motors with a torque-speed line, in place on the host model:
+    force = clamp(ctrl - torque_limit / no_load_speed * qdot, torque limits), ctrl limited to the torque limits.
+
+    Like an electric motor's, the torque a motor can add in the direction of motion falls linearly from its limit at
+    rest to zero at `no_load_speed` ((nu,) rad/s), so a motor alone never drives its joint faster; MuJoCo evaluates
+    it at every physics step, as an actuator damping term. Done before BatchedSim copies the model to the device."""
     for i in range(mjm.nu):
         mjm.actuator_gainprm[i, :] = 0.0
         mjm.actuator_gainprm[i, 0] = 1.0
-        mjm.actuator_biasprm[i, :] = 0.0  # no -kp * q - kv * qdot: the policy is the controller
+        mjm.actuator_biasprm[i, :] = 0.0  # no -kp * q: the policy is the controller
+        mjm.actuator_biasprm[i, 2] = -mjm.actuator_forcerange[i, 1] / no_load_speed[i]
         mjm.actuator_ctrlrange[i] = mjm.actuator_forcerange[i]
         mjm.actuator_ctrllimited[i] = 1
 
@@ -269,8 +324,12 @@ class ReachEnv:
         mjm = ec.load_model(ASSET)
         if mjm.nu != mjm.nq or list(mjm.actuator_trnid[:, 0]) != list(range(mjm.nu)):
             raise UserError(f"{ASSET} must have one actuator per joint, in joint order")
+        # Speed limits and the servos' gains, read before make_torque_actuators replaces the servos.
+        speed_limit = model_numeric(mjm, SPEED_LIMIT_FIELD, mjm.nu)
+        torque_rate_limit = model_numeric(mjm, TORQUE_RATE_FIELD, mjm.nu)
+        kp, kv = mjm.actuator_gainprm[:, 0].copy(), -mjm.actuator_biasprm[:, 2]  # position servo: bias (0, -kp, -kv)
         if cfg.control_type == "torque":
-            make_torque_actuators(mjm)
+            make_torque_actuators(mjm, SPEED_FRACTION * speed_limit)
         decimation = max(1, round(POLICY_DT / mjm.opt.timestep))
         self.sim = s = ec.BatchedSim(mjm, num_envs, device, decimation=decimation)
         self.num_actions = nu = mjm.nu
@@ -286,7 +345,8 @@ class ReachEnv:
 
         self.lower, self.upper = f32(mjm.jnt_range[:, 0]), f32(mjm.jnt_range[:, 1])
         self.actions_to_ctrl = ActionHandler(cfg.control_type, self.lower, self.upper,
-                                             f32(mjm.actuator_forcerange[:, 1]), cfg.max_delta)
+                                             f32(mjm.actuator_forcerange[:, 1]), cfg.max_delta, f32(speed_limit),
+                                             f32(kp), f32(kv), self.dt, f32(torque_rate_limit))
         self.target_low, self.target_high = f32(TARGET_LOW), f32(TARGET_HIGH)
         self.dof_pos, self.dof_vel = s.qpos, s.qvel  # a fixed base: every coordinate is a joint
 
@@ -375,7 +435,7 @@ class ReachEnv:
 
         State is written in place only and nothing branches on tensor values, so that a CUDA graph can replay it."""
         self.actions.copy_(actions.clamp(-1.0, 1.0))
-        self.sim.ctrl.copy_(self.actions_to_ctrl(self.actions, self.sim.ctrl))
+        self.sim.ctrl.copy_(self.actions_to_ctrl(self.actions, self.sim.ctrl, self.dof_pos))
         self.sim.step()
         self.episode_length += 1
         self.target_time += 1

@@ -51,6 +51,7 @@ CASES = [
 LOCOMOTION_ONLY = [("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"])]
 REACH_ONLY = [("unknown-control-type", [*CPU, "--control-type", "velocity"], {},
                ["--control-type", "torque, position or position_delta"]),
+              ("max-delta-above-one", [*CPU, "--max-delta", "2"], {}, ["--max-delta", "at most 1"]),
               ("window-longer-than-hold", [*CPU, "--target-hold-s", "1", "--success-window-s", "2"], {},
                ["--success-window-s", "--target-hold-s"])]
 

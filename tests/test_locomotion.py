@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mujoco
 import numpy as np
 import pytest
 import torch
@@ -209,6 +210,28 @@ def test_reward_contact_terms(env):
 def test_reward_table_has_a_function_per_term():
     for name in loco.REWARD_SCALES:
         assert callable(getattr(loco.Go1Env, f"_reward_{name}")), name
+
+
+def test_resets_stay_inside_the_joint_ranges():
+    """4096 environments reset three times (12,288 resets; legged_gym's rule home * U(0.5, 1.5) put a calf past its
+    upper limit in 31% of them): every joint starts inside its range, MuJoCo's compiled jnt_range, and the draws
+    still are home * U(0.5, 1.5), covering what of that lies in the range (calves from -2.25 rad up to the limit)."""
+    torch.manual_seed(1)
+    env = loco.Go1Env(4096, torch.device("cpu"), loco.Args())
+    mjm = env.sim.mjm
+    lower, upper = torch.tensor(mjm.jnt_range[1:], dtype=torch.float32).T  # joint 0 is the free joint
+    home = env.default_dof_pos
+    calves = [i for i in range(12) if mujoco.mj_id2name(mjm, mujoco.mjtObj.mjOBJ_JOINT, i + 1).endswith("calf_joint")]
+    for _ in range(3):
+        env.reset()
+        q = env.dof_pos
+        assert ((q >= lower) & (q <= upper)).all(), f"{((q < lower) | (q > upper)).sum()} joints outside their range"
+        moving = home != 0
+        factor = q[:, moving] / home[moving]
+        assert (factor >= 0.5 - 1e-6).all() and (factor <= 1.5 + 1e-6).all()
+        assert (q[:, ~moving] == 0).all()
+        assert q[:, calves].max() > upper[calves].max() - 0.01 and q[:, calves].min() < -2.24
+    assert torch.equal(env.sim.qvel[:, 6:], torch.zeros(4096, 12)), "joints start at rest"
 
 
 def test_solver_option_reaches_the_simulator():

@@ -243,61 +243,169 @@ def test_ppo_learns_to_reach(tmp_path):
 LOWER = torch.tensor([-2.9, -1.76, -2.9, -3.07, -2.9, -0.0175, -2.9])
 UPPER = torch.tensor([2.9, 1.76, 2.9, -0.07, 2.9, 3.75, 2.9])
 TORQUE = torch.tensor([87.0, 87, 87, 87, 12, 12, 12])
+# Franka Control Interface documentation, "Robot and interface specifications", Limits for Panda: joint speed limits
+# (rad/s) and torque rate limit (N m/s).
+FRANKA_SPEED_LIMITS = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
+FRANKA_TORQUE_RATE_LIMITS = (1000.0,) * 7
+FRANKA_SPEED_LIMIT = torch.tensor(FRANKA_SPEED_LIMITS)
+FRANKA_TORQUE_RATE_LIMIT = torch.tensor(FRANKA_TORQUE_RATE_LIMITS)
+KP = torch.tensor([600.0, 600, 600, 600, 250, 150, 50])  # panda.xml's servos (franka_ros's joint impedance example)
+KV = torch.tensor([50.0, 50, 50, 50, 30, 25, 15])
+DT = 0.02
+MAX_STEP = reach.SPEED_FRACTION * FRANKA_SPEED_LIMIT * DT  # rad per policy step: 0.0261 (joints 1-4), 0.0313 (5-7)
+MAX_LEAD = reach.SPEED_FRACTION * FRANKA_SPEED_LIMIT * KV / KP  # rad: 0.109 (1-4), 0.188, 0.261, 0.783 (5-7)
+MID = (LOWER + UPPER) / 2
 
 
-def handler(control_type, max_delta=0.05):
-    return reach.ActionHandler(control_type, LOWER, UPPER, TORQUE, max_delta)
+def handler(control_type, max_delta=1.0):
+    return reach.ActionHandler(control_type, LOWER, UPPER, TORQUE, max_delta, FRANKA_SPEED_LIMIT, KP, KV, DT,
+                               FRANKA_TORQUE_RATE_LIMIT)
 
 
-def test_torque_mapping_scales_to_each_joints_limit():
+def test_asset_holds_the_published_speed_and_torque_rate_limits():
+    mjm = reach.ec.load_model(reach.ASSET)
+    np.testing.assert_array_equal(reach.model_numeric(mjm, reach.SPEED_LIMIT_FIELD, 7), FRANKA_SPEED_LIMITS)
+    np.testing.assert_array_equal(reach.model_numeric(mjm, reach.TORQUE_RATE_FIELD, 7), FRANKA_TORQUE_RATE_LIMITS)
+    with pytest.raises(reach.UserError, match="joint_speed_limit"):
+        reach.model_numeric(mjm, reach.SPEED_LIMIT_FIELD, 6)
+    with pytest.raises(reach.UserError, match="no_such_field"):
+        reach.model_numeric(mjm, "no_such_field", 7)
+
+
+def test_torque_mapping_scales_to_each_joints_limit_at_the_torque_rate_limit():
     h = handler("torque")
     actions = torch.tensor([[1.0, -1.0, 0.5, 0.0, 1.0, -0.5, 3.0],
                             [-7.0, 2.0, -1.0, 1.0, -1.0, 0.25, -1.0]])
-    ctrl = h(actions, torch.zeros(2, 7))
-    expected = torch.tensor([[87.0, -87.0, 43.5, 0.0, 12.0, -6.0, 12.0],
-                             [-87.0, 87.0, -87.0, 87.0, -12.0, 3.0, -12.0]])
-    torch.testing.assert_close(ctrl, expected)
+    goal = torch.tensor([[87.0, -87.0, 43.5, 0.0, 12.0, -6.0, 12.0],
+                         [-87.0, 87.0, -87.0, 87.0, -12.0, 3.0, -12.0]])
+    # From zero torque, each torque moves toward action x limit by at most 1000 N m/s x 0.02 s = 20 N m per step.
+    ctrl = h(actions, torch.zeros(2, 7), None)
+    torch.testing.assert_close(ctrl, goal.clamp(-20.0, 20.0))
+    for _ in range(4):
+        ctrl = h(actions, ctrl, None)
+    torch.testing.assert_close(ctrl, goal)  # 87 N m after 5 steps (5 x 20 >= 87)
     assert (ctrl.abs() <= TORQUE).all(), "a torque beyond its joint's limit"
+    torch.testing.assert_close(h(-actions, goal, None), goal + (-2 * goal).clamp(-20.0, 20.0))  # reversal
 
 
-def test_position_mapping_covers_each_joints_range():
+def test_position_mapping_moves_toward_its_goal_at_the_speed_limit():
     h = handler("position")
-    torch.testing.assert_close(h(-torch.ones(1, 7), torch.zeros(1, 7))[0], LOWER)
-    torch.testing.assert_close(h(torch.ones(1, 7), torch.zeros(1, 7))[0], UPPER)
-    torch.testing.assert_close(h(torch.zeros(1, 7), torch.zeros(1, 7))[0], (LOWER + UPPER) / 2)
-    torch.testing.assert_close(h(torch.full((1, 7), 0.5), torch.zeros(1, 7))[0], LOWER + 0.75 * (UPPER - LOWER))
-    wild = h(torch.randn(100, 7) * 10, torch.zeros(100, 7))
+    mid = MID[None]
+    # The goal spans each joint's range; the target moves toward it by at most max_step per policy step.
+    torch.testing.assert_close(h(-torch.ones(1, 7), mid, mid), mid - MAX_STEP)
+    torch.testing.assert_close(h(torch.ones(1, 7), mid, mid), mid + MAX_STEP)
+    torch.testing.assert_close(h(torch.zeros(1, 7), mid, mid), mid)  # the goal is the middle: stay
+    near = mid + torch.tensor([[0.01, -0.01, 0.0, 0.02, -0.02, 0.005, 0.0]])  # goal within one step: reach it
+    torch.testing.assert_close(h(torch.zeros(1, 7), near, near), mid)
+    # A joint that follows its target reaches any goal exactly, e.g. three quarters of the range.
+    t = mid.clone()
+    for _ in range(300):  # 300 x 0.026 rad > the widest range (5.8 rad)
+        t = h(torch.full((1, 7), 0.5), t, t)
+    torch.testing.assert_close(t[0], LOWER + 0.75 * (UPPER - LOWER))
+    wild = h(torch.randn(100, 7) * 10, mid.expand(100, 7), mid.expand(100, 7))
     assert ((wild >= LOWER) & (wild <= UPPER)).all(), "a target outside its joint's range"
 
 
 def test_position_delta_moves_the_previous_target_and_clamps_to_the_range():
-    h = handler("position_delta", max_delta=0.1)
-    targets = torch.tensor([[0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0]])
-    actions = torch.tensor([[1.0, -1.0, 0.5, 0.0, -0.25, 5.0, -5.0]])  # beyond +-1: clamped to one max_delta
-    torch.testing.assert_close(h(actions, targets),
-                               torch.tensor([[0.1, -0.1, 0.05, -1.0, -0.025, 1.1, -0.1]]))
+    h = handler("position_delta", max_delta=0.5)
+    targets = MID[None]
+    actions = torch.tensor([[1.0, -1.0, 0.5, 0.0, -0.25, 5.0, -5.0]])  # beyond +-1: clamped to one step
+    steps = torch.tensor([[1.0, -1.0, 0.5, 0.0, -0.25, 1.0, -1.0]]) * 0.5 * MAX_STEP
+    torch.testing.assert_close(h(actions, targets, targets), targets + steps)
     # Near a limit the target stops at the limit, whichever way and however long it is pushed.
-    near = torch.stack([UPPER - 0.03, LOWER + 0.03])
-    pushed = h(torch.stack([torch.ones(7), -torch.ones(7)]), near)
+    near = torch.stack([UPPER - 0.01, LOWER + 0.01])
+    pushed = h(torch.stack([torch.ones(7), -torch.ones(7)]), near, near)
     torch.testing.assert_close(pushed, torch.stack([UPPER, LOWER]))
-    t = torch.zeros(1, 7)
-    for _ in range(200):
-        t = h(torch.ones(1, 7), t)
+    t = MID[None].clone()
+    for _ in range(600):
+        t = h(torch.ones(1, 7), t, t)
     torch.testing.assert_close(t[0], UPPER)
-    assert torch.equal(h(torch.zeros(3, 7), near[:1].expand(3, 7)), near[:1].expand(3, 7)), "zero action holds"
+    assert torch.equal(h(torch.zeros(3, 7), near[:1].expand(3, 7), near[:1].expand(3, 7)), near[:1].expand(3, 7)), \
+        "zero action holds"
 
 
-def test_torque_mode_makes_the_actuators_plain_motors():
+@pytest.mark.parametrize("control_type", ["position", "position_delta"])
+def test_position_targets_never_lead_their_joint_by_more_than_the_servo_needs(control_type):
+    """A joint that does not follow (blocked, or pushed back by the other joints): its target stops max_lead away,
+    where the servo's force kp * max_lead equals kv x SPEED_FRACTION x the speed limit; a target left further away
+    (a joint thrown past it) is pulled back to max_lead."""
+    h = handler(control_type)
+    q = MID[None]
+    t = q.clone()
+    for _ in range(50):
+        t = h(torch.ones(1, 7), t, q)
+    torch.testing.assert_close(t, q + MAX_LEAD)
+    torch.testing.assert_close(KP * MAX_LEAD, KV * reach.SPEED_FRACTION * FRANKA_SPEED_LIMIT)
+    far = q - 1.0
+    torch.testing.assert_close(h(torch.zeros(1, 7), far, q), torch.maximum(q - MAX_LEAD, LOWER[None]))
+
+
+def test_torque_mode_makes_the_actuators_motors_with_a_torque_speed_line():
     mjm = reach.ec.load_model(reach.ASSET)
     forcerange = mjm.actuator_forcerange.copy()
-    reach.make_torque_actuators(mjm)
+    no_load_speed = reach.SPEED_FRACTION * np.array(FRANKA_SPEED_LIMITS)
+    reach.make_torque_actuators(mjm, no_load_speed)
     data = mujoco.MjData(mjm)
     data.qpos[:] = mjm.key_qpos[0]
-    data.qvel[:] = 0.3  # a position servo would add -kv * qdot and -kp * q; a motor adds nothing
+    data.qvel[:] = np.array([0.3, -0.3, 0.3, 1.0, -0.3, 2.0, 0.3])  # no -kp * q; a speed-proportional term instead
     data.ctrl[:] = forcerange[:, 1] * np.array([1.0, -0.5, 0.25, 0.0, -1.0, 0.5, 2.0])  # the last beyond its limit
     mujoco.mj_forward(mjm, data)
-    np.testing.assert_allclose(data.actuator_force, np.clip(data.ctrl, forcerange[:, 0], forcerange[:, 1]),
-                               atol=1e-9)
+    ctrl = np.clip(data.ctrl, forcerange[:, 0], forcerange[:, 1])
+    expected = np.clip(ctrl - forcerange[:, 1] / no_load_speed * data.qvel, forcerange[:, 0], forcerange[:, 1])
+    np.testing.assert_allclose(data.actuator_force, expected, atol=1e-9)
+    # Full torque at rest, none left at the no-load speed (joint 6 at 2.0 rad/s > 1.57: braking).
+    assert expected[5] < 0 < data.ctrl[5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Joint speeds against the published limits, measured at every physics step of the real environment
+# ---------------------------------------------------------------------------------------------------------------
+BANG_BANG_PERIODS = (1, 2, 4, 8, 20, 40)  # policy steps between sign flips of saturated actions
+
+
+@pytest.mark.parametrize("control_type", reach.CONTROL_TYPES)
+def test_joint_speeds_stay_within_the_published_limits(control_type):
+    """ReachEnv driven for 300 policy steps (6 s, one episode reset included) by uniform random actions, by
+    constant saturated actions (+-1, a random sign per joint) and by saturated bang-bang actions flipping every 1 to 40
+    steps (random phase per joint), 16 environments each. After every physics sub-step (200 Hz) every joint speed is
+    within Franka's published limit (FRANKA_SPEED_LIMIT). No tolerance on the limit itself: the margin is in the design
+    (no actuator drives a joint faster than SPEED_FRACTION = 0.6 of its limit; the other joints' motion adds the
+    rest; measured peaks, 4 seeds x 600 steps: 0.71-0.74 of the limits with the position modes, 0.88-0.90 with
+    torque control). The old mappings reached 2.4 (position_delta), 22 (position) and 48 (torque) times the limits
+    here. The saturated actions must drive some joint past half its limit, so the test cannot pass by an arm that does
+    not move."""
+    per, steps = 16, 300
+    n = per * (2 + len(BANG_BANG_PERIODS))
+    torch.manual_seed(0)
+    env = reach.ReachEnv(n, torch.device("cpu"), reach.Args(control_type=control_type))
+    sim, nu = env.sim, env.sim.mjm.nu
+    # One physics step per sim.step() call (set before the first step records its graph), called decimation times.
+    substeps, sim.decimation, one_substep = sim.decimation, 1, sim.step
+    peak = torch.zeros(n, nu)
+
+    def every_substep():
+        for _ in range(substeps):
+            one_substep()
+            torch.maximum(peak, sim.qvel.abs(), out=peak)
+
+    sim.step = every_substep
+    env.reset()
+    sign = torch.where(torch.rand(n, nu) < 0.5, -1.0, 1.0)
+    period = torch.tensor([0, 0] + list(BANG_BANG_PERIODS)).repeat_interleave(per)[:, None]
+    phase = torch.randint(0, 1000, (n, nu))
+    for t in range(steps):
+        flips = torch.div(t + phase, period.clamp(min=1), rounding_mode="floor") % 2
+        actions = torch.where(period > 0, sign * (1 - 2 * flips), sign)
+        actions[:per] = torch.rand(per, nu) * 2 - 1
+        env.step(actions)
+    ratio = peak / FRANKA_SPEED_LIMIT
+    groups = ["random", "saturated"] + [f"bang-bang {k}" for k in BANG_BANG_PERIODS]
+    for g, name in enumerate(groups):
+        print(f"{control_type} {name:13s} peak |qvel| / limit per joint: "
+              + " ".join(f"{x:.3f}" for x in ratio[g * per:(g + 1) * per].max(0).values.tolist()))
+    assert torch.isfinite(peak).all()
+    assert ratio.max() <= 1.0, f"{control_type}: a joint reached {ratio.max():.3f} x its speed limit"
+    assert ratio[per:].max() > 0.5, f"{control_type}: saturated actions hardly moved the arm"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -494,3 +602,21 @@ def test_episodes_have_a_fixed_length_and_end_in_a_time_out():
     # Every target of these 0.2 s episodes was cut by their end (holds of 2.5 s): censored, none counted.
     stats = e.pop_stats()
     assert stats["censored_targets"] == 3 and stats["targets"] == 0 and stats["episodes"] == 3
+
+
+
+
+@pytest.mark.parametrize("reset_noise", [0.2, 3.0])
+def test_resets_stay_inside_the_joint_ranges(reset_noise):
+    """4096 environments reset twice, with the default noise and with one that reaches past every limit (which the
+    reset clamps): every joint starts inside its range, MuJoCo's compiled jnt_range, at rest."""
+    torch.manual_seed(1)
+    env = reach.ReachEnv(4096, torch.device("cpu"), reach.ReachConfig.from_args(reach.Args(reset_noise=reset_noise)))
+    lower, upper = torch.tensor(env.sim.mjm.jnt_range, dtype=torch.float32).T
+    for _ in range(2):
+        env.reset()
+        q = env.sim.qpos
+        assert ((q >= lower) & (q <= upper)).all(), f"{((q < lower) | (q > upper)).sum()} joints outside their range"
+        assert (env.sim.qvel == 0).all()
+        if reset_noise > 1:
+            assert (q == lower).any() and (q == upper).any(), "the large noise did not reach the limits"
