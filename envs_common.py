@@ -428,7 +428,8 @@ class BatchedSim:
                     if self.device.type == "cuda" and os.environ.get("MJW_PRELOAD", "1") != "0":
                         # All of MuJoCo Warp's modules at once, compiled in parallel: launches would load them
                         # one after another.
-                        wp.load_module(mjw, device=self.wp_device, recursive=True, max_workers=os.cpu_count())
+                        wp.load_module(importlib.import_module("mujoco_warp"), device=self.wp_device, recursive=True,
+                                       max_workers=os.cpu_count())
                 self._substeps()
                 self._stepped_once = True
                 if first:

@@ -155,8 +155,10 @@ def test_fast_update_matches_the_plain_one(script, env_cls):
         mb = torch.zeros(batch // args.num_minibatches, dtype=torch.long, device=DEVICE)
         update_stats = torch.zeros(6, device=DEVICE)
         loss_fn = torch.compile(script.ppo_loss, dynamic=False) if fast else script.ppo_loss
-        update = ec.cuda_graphed(
-            lambda: script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), DEVICE)
+        def minibatch_update():
+            script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn)
+
+        update = ec.cuda_graphed(minibatch_update, DEVICE) if fast else minibatch_update
         torch.manual_seed(5)
         for _ in range(3):
             storage.step.zero_()
