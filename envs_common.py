@@ -54,17 +54,20 @@ np = _LazyModule("numpy")
 torch = _LazyModule("torch")
 
 
-
 # MuJoCo's headless OpenGL backends on Linux: the library each loads and the Debian/Ubuntu package that has it.
 GL_LIBRARIES = {"egl": ("EGL", "libegl1"), "osmesa": ("OSMesa", "libosmesa6")}
 _GL_OFF = ("disable", "disabled", "off", "false", "0")
 # The other names MuJoCo accepts on each platform (on Linux all of them mean GLFW, which needs a display).
-_GL_OTHERS = {"Linux": ("glfw", "glx", "enable", "enabled", "on", "true", "1"), "Darwin": ("glfw", "cgl"),
-              "Windows": ("glfw", "wgl")}
+_GL_OTHERS = {
+    "Linux": ("glfw", "glx", "enable", "enabled", "on", "true", "1"),
+    "Darwin": ("glfw", "cgl"),
+    "Windows": ("glfw", "wgl"),
+}
 
 
-def choose_gl_backend(requested: str | None, system: str, gpu: bool,
-                      find_library=ctypes.util.find_library) -> tuple[str | None, str | None]:
+def choose_gl_backend(
+    requested: str | None, system: str, gpu: bool, find_library=ctypes.util.find_library
+) -> tuple[str | None, str | None]:
     """The MUJOCO_GL value to import MuJoCo with (None: leave it unset), and why rendering cannot work (None: it may).
 
     `requested` is the user's MUJOCO_GL (None or "": unset), `system` is platform.system(), `gpu` whether torch sees
@@ -80,16 +83,20 @@ def choose_gl_backend(requested: str | None, system: str, gpu: bool,
         for backend in ("egl", "osmesa") if gpu else ("osmesa", "egl"):
             if find_library(GL_LIBRARIES[backend][0]):
                 return backend, None
-        return "disable", ("MUJOCO_GL is not set and neither libEGL nor libOSMesa is installed (Debian/Ubuntu: "
-                           "apt-get install libegl1 on a GPU machine, libosmesa6 on a CPU one)")
+        return "disable", (
+            "MUJOCO_GL is not set and neither libEGL nor libOSMesa is installed (Debian/Ubuntu: "
+            "apt-get install libegl1 on a GPU machine, libosmesa6 on a CPU one)"
+        )
     if name in _GL_OFF:
         return requested, f"MUJOCO_GL={requested} turns rendering off"
     if system == "Linux" and name in GL_LIBRARIES:
         library, package = GL_LIBRARIES[name]
         if find_library(library):
             return requested, None
-        return "disable", (f"MUJOCO_GL={requested} needs lib{library}, which is not installed "
-                           f"(Debian/Ubuntu: apt-get install {package})")
+        return "disable", (
+            f"MUJOCO_GL={requested} needs lib{library}, which is not installed "
+            f"(Debian/Ubuntu: apt-get install {package})"
+        )
     if name in _GL_OTHERS.get(system, ()):
         return requested, None  # GLFW comes inside its Python package; a missing display shows in Renderer
     return "disable", f"MUJOCO_GL={requested} is not a backend MuJoCo knows (on Linux: egl, osmesa or glfw)"
@@ -160,12 +167,16 @@ def resolve_device(name: str | None) -> torch.device:
         raise UserError(f"unknown device {name!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} was asked for, but torch sees no CUDA GPU on this machine: "
-                            "use --device cpu (or install a CUDA build of torch)")
+            raise UserError(
+                f"--device {name} was asked for, but torch sees no CUDA GPU on this machine: "
+                "use --device cpu (or install a CUDA build of torch)"
+            )
         index = 0 if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
         return torch.device("cuda", index)
     if device.type != "cpu":
         raise UserError(f"unsupported device {name!r}: use 'cpu' or 'cuda:N'")
@@ -182,8 +193,12 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
 
 def rng_state() -> dict:
     """The state of every generator seed_everything seeds, for a checkpoint that resumes exactly."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 @contextlib.contextmanager
@@ -209,8 +224,9 @@ def load_model(path: str | os.PathLike) -> mujoco.MjModel:
     if not path.is_absolute() and not path.exists():
         path = ASSETS / path
     if not path.is_file():
-        raise UserError(f"asset file not found: {path} (the models ship in {ASSETS}; "
-                        "run from a full checkout of the repository)")
+        raise UserError(
+            f"asset file not found: {path} (the models ship in {ASSETS}; run from a full checkout of the repository)"
+        )
     try:
         return mujoco.MjModel.from_xml_path(str(path))
     except ValueError as e:  # MuJoCo's compiler error: say which file, keep its message
@@ -231,14 +247,18 @@ def check_memory(device: torch.device, num_envs: int, bytes_per_env: int) -> Non
         free, where = int(available) * 1024, "memory"
     if num_envs * bytes_per_env > free:
         largest = 2 ** max(0, int(np.log2(max(free / bytes_per_env, 1))))
-        raise UserError(f"--num-envs {num_envs} needs about {num_envs * bytes_per_env / 2**30:.1f} GiB but only "
-                        f"{free / 2**30:.1f} GiB of {where} is free: use --num-envs {largest} or fewer")
+        raise UserError(
+            f"--num-envs {num_envs} needs about {num_envs * bytes_per_env / 2**30:.1f} GiB but only "
+            f"{free / 2**30:.1f} GiB of {where} is free: use --num-envs {largest} or fewer"
+        )
 
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether an exception from torch or Warp means that the device ran out of memory."""
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and any(s in str(error).lower() for s in ("out of memory", "failed to allocate")))
+        isinstance(error, RuntimeError)
+        and any(s in str(error).lower() for s in ("out of memory", "failed to allocate"))
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,15 +269,15 @@ def _pair_max_contacts() -> dict:
     """Most contacts MuJoCo's collision functions make for one pair of primitives (mjMAXCONPAIR is 50 at worst)."""
     _G = mujoco.mjtGeom
     return {
-    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_SPHERE]): 1,
-    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CAPSULE]): 2,
-    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_BOX]): 4,
-    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CYLINDER]): 4,
-    frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_ELLIPSOID]): 1,
-    frozenset([_G.mjGEOM_SPHERE]): 1,
-    frozenset([_G.mjGEOM_SPHERE, _G.mjGEOM_CAPSULE]): 1,
-    frozenset([_G.mjGEOM_CAPSULE]): 2,
-    frozenset([_G.mjGEOM_BOX]): 8,
+        frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_SPHERE]): 1,
+        frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CAPSULE]): 2,
+        frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_BOX]): 4,
+        frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CYLINDER]): 4,
+        frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_ELLIPSOID]): 1,
+        frozenset([_G.mjGEOM_SPHERE]): 1,
+        frozenset([_G.mjGEOM_SPHERE, _G.mjGEOM_CAPSULE]): 1,
+        frozenset([_G.mjGEOM_CAPSULE]): 2,
+        frozenset([_G.mjGEOM_BOX]): 8,
     }
 
 
@@ -278,7 +298,8 @@ def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
             for g2 in range(g1 + 1, mjm.ngeom):
                 b1, b2 = body_weld[mjm.geom_bodyid[g1]], body_weld[mjm.geom_bodyid[g2]]
                 compatible = (mjm.geom_contype[g1] & mjm.geom_conaffinity[g2]) or (
-                    mjm.geom_contype[g2] & mjm.geom_conaffinity[g1])
+                    mjm.geom_contype[g2] & mjm.geom_conaffinity[g1]
+                )
                 if compatible and b1 != b2 and not (b1 == 0 and b2 == 0):
                     pairs.add((g1, g2))
         pairs |= {(min(g1, g2), max(g1, g2)) for g1, g2 in zip(mjm.pair_geom1, mjm.pair_geom2)}  # <pair>s
@@ -286,8 +307,9 @@ def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
         for g1, g2 in pairs:
             n = max_contacts.get(frozenset([mjm.geom_type[g1], mjm.geom_type[g2]]), 8)
             condim = max(mjm.geom_condim[g1], mjm.geom_condim[g2])
-            rows = 1 if condim == 1 else (2 * (condim - 1) if mjm.opt.cone == mujoco.mjtCone.mjCONE_PYRAMIDAL
-                                          else condim)
+            rows = (
+                1 if condim == 1 else (2 * (condim - 1) if mjm.opt.cone == mujoco.mjtCone.mjCONE_PYRAMIDAL else condim)
+            )
             ncon += n
             nrows += n * rows
     # Joint limits, DOF friction loss and equality constraints each add rows.
@@ -324,18 +346,18 @@ class BatchedSim:
     Torch views of the simulation state (zero-copy: they alias Warp's arrays, so writing them writes the sim and
     every step refreshes them in place; never rebind them, write into them with `[:] =`, `copy_` or `index_copy_`):
 
-    | attribute  | shape              | content                                          | Isaac Gym counterpart          |
-    |------------|--------------------|--------------------------------------------------|--------------------------------|
-    | qpos       | (N, nq)            | generalized positions; free joint first if any   | root state [:, 0:7] + DOF pos  |
-    | qvel       | (N, nv)            | generalized velocities                           | root state [:, 7:13] + DOF vel |
-    | ctrl       | (N, nu)            | actuator inputs: position targets or torques     | actuation / DOF target tensor  |
-    | act_force  | (N, nu)            | actuator force (torque on the joint) last step   | DOF force tensor               |
-    | xpos       | (N, nbody, 3)      | body frame positions, world frame                | rigid body state [..., 0:3]    |
-    | xquat      | (N, nbody, 4)      | body frame orientations (w, x, y, z)             | rigid body state [..., 3:7]    |
-    | site_xpos  | (N, nsite, 3)      | site positions, world frame                      | -                              |
-    | mocap_pos  | (N, nmocap, 3)     | mocap body positions (markers, targets)          | -                              |
-    | contact_force | (N, nbody, 3)   | net external (contact) force on each body, world | net contact force tensor       |
-    | overflow   | (N,) int32         | MuJoCo Warp's overflow bits, sticky until reset  | -                              |
+    | attribute  | shape            | content                                         | Isaac Gym counterpart          |
+    |------------|------------------|-------------------------------------------------|--------------------------------|
+    | qpos       | (N, nq)          | generalized positions; free joint first if any  | root state [:, 0:7] + DOF pos  |
+    | qvel       | (N, nv)          | generalized velocities                          | root state [:, 7:13] + DOF vel |
+    | ctrl       | (N, nu)          | actuator inputs: position targets or torques    | actuation / DOF target tensor  |
+    | act_force  | (N, nu)          | actuator force (torque on the joint) last step  | DOF force tensor               |
+    | xpos       | (N, nbody, 3)    | body frame positions, world frame               | rigid body state [..., 0:3]    |
+    | xquat      | (N, nbody, 4)    | body frame orientations (w, x, y, z)            | rigid body state [..., 3:7]    |
+    | site_xpos  | (N, nsite, 3)    | site positions, world frame                     | -                              |
+    | mocap_pos  | (N, nmocap, 3)   | mocap body positions (markers, targets)         | -                              |
+    | contact_force | (N, nbody, 3) | net external (contact) force per body, world    | net contact force tensor       |
+    | overflow   | (N,) int32       | MuJoCo Warp's overflow bits, sticky until reset | -                              |
 
     `contact_force` is filled only with `contact_forces=True` (an extra pass after the solver's last sub-step).
     With `poses=True`, body poses (xpos, xquat, site_xpos) are recomputed after every `step()` and `reset()`, so
@@ -344,9 +366,17 @@ class BatchedSim:
     the same, since every physics step starts by computing the poses of its qpos.
     """
 
-    def __init__(self, mjm: mujoco.MjModel, num_envs: int, device: torch.device | str, decimation: int = 1,
-                 nconmax: int | None = None, njmax: int | None = None, contact_forces: bool = False,
-                 poses: bool = True):
+    def __init__(
+        self,
+        mjm: mujoco.MjModel,
+        num_envs: int,
+        device: torch.device | str,
+        decimation: int = 1,
+        nconmax: int | None = None,
+        njmax: int | None = None,
+        contact_forces: bool = False,
+        poses: bool = True,
+    ):
         if int(num_envs) < 1:
             raise UserError(f"the number of environments must be at least 1, got {num_envs}")
         if int(decimation) < 1:
@@ -377,11 +407,27 @@ class BatchedSim:
         self._time = wp.to_torch(d.time)
         # State that a reset must clear besides qpos/qvel: the solver's warm start, applied forces, actuator state.
         # Everything a step reads from the previous one, for get_state()/set_state() (exact resume).
-        self._state = {name: wp.to_torch(getattr(d, name)) for name in
-                       ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "qacc", "time", "mocap_pos", "mocap_quat",
-                        "qfrc_applied", "xfrc_applied", "overflow") if getattr(d, name).size > 0}
-        self._zero_on_reset = [wp.to_torch(a) for a in (d.qacc_warmstart, d.qacc, d.qfrc_applied, d.xfrc_applied,
-                                                        d.act) if a.size > 0]
+        self._state = {
+            name: wp.to_torch(getattr(d, name))
+            for name in (
+                "qpos",
+                "qvel",
+                "act",
+                "ctrl",
+                "qacc_warmstart",
+                "qacc",
+                "time",
+                "mocap_pos",
+                "mocap_quat",
+                "qfrc_applied",
+                "xfrc_applied",
+                "overflow",
+            )
+            if getattr(d, name).size > 0
+        }
+        self._zero_on_reset = [
+            wp.to_torch(a) for a in (d.qacc_warmstart, d.qacc, d.qfrc_applied, d.xfrc_applied, d.act) if a.size > 0
+        ]
         self._graph = None
         self._stepped_once = False
         self._overflow_bits = overflow_bits()
@@ -395,7 +441,9 @@ class BatchedSim:
         self.default_qpos = torch.tensor(qpos0, dtype=torch.float32, device=self.device)
         self.default_ctrl = torch.tensor(ctrl0, dtype=torch.float32, device=self.device)
         all_envs = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
-        self.reset(all_envs, self.default_qpos.expand(self.num_envs, -1), ctrl=self.default_ctrl.expand(self.num_envs, -1))
+        self.reset(
+            all_envs, self.default_qpos.expand(self.num_envs, -1), ctrl=self.default_ctrl.expand(self.num_envs, -1)
+        )
 
     # --------------------------------------------------------------------------------------------------------
     def _substeps(self):
@@ -422,14 +470,21 @@ class BatchedSim:
                 first = str(self.device) not in _KERNELS_ANNOUNCED
                 if first:
                     _KERNELS_ANNOUNCED.add(str(self.device))
-                    print(f"MuJoCo Warp: compiling or loading its kernels for {self.device} (cached in "
-                          f"{wp.config.kernel_cache_dir}; the first time, minutes on a CPU)...", flush=True)
+                    print(
+                        f"MuJoCo Warp: compiling or loading its kernels for {self.device} (cached in "
+                        f"{wp.config.kernel_cache_dir}; the first time, minutes on a CPU)...",
+                        flush=True,
+                    )
                     t0 = time.time()
                     if self.device.type == "cuda" and os.environ.get("MJW_PRELOAD", "1") != "0":
                         # All of MuJoCo Warp's modules at once, compiled in parallel: launches would load them
                         # one after another.
-                        wp.load_module(importlib.import_module("mujoco_warp"), device=self.wp_device, recursive=True,
-                                       max_workers=os.cpu_count())
+                        wp.load_module(
+                            importlib.import_module("mujoco_warp"),
+                            device=self.wp_device,
+                            recursive=True,
+                            max_workers=os.cpu_count(),
+                        )
                 self._substeps()
                 self._stepped_once = True
                 if first:
@@ -441,8 +496,9 @@ class BatchedSim:
                 self._graph = capture.graph
             wp.capture_launch(self._graph)
 
-    def reset(self, envs: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor | None = None,
-              ctrl: torch.Tensor | None = None) -> None:
+    def reset(
+        self, envs: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor | None = None, ctrl: torch.Tensor | None = None
+    ) -> None:
         """Put the worlds in `envs` at (qpos, qvel), leaving every other world bit-for-bit untouched.
 
         `envs` is either a bool mask of shape (N,), with qpos of shape (N, nq) whose other rows are ignored, or a
@@ -489,8 +545,10 @@ class BatchedSim:
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         for name, t in self._state.items():
             if state[name].shape != t.shape:
-                raise UserError(f"saved simulation state {name} has shape {tuple(state[name].shape)}, this "
-                                f"simulation {tuple(t.shape)}: different number of environments or model")
+                raise UserError(
+                    f"saved simulation state {name} has shape {tuple(state[name].shape)}, this "
+                    f"simulation {tuple(t.shape)}: different number of environments or model"
+                )
             t.copy_(state[name])
         self._kinematics()
 
@@ -543,7 +601,9 @@ def _capture(fn, device: torch.device) -> torch.cuda.CUDAGraph:
     stream = wp.get_device(str(device)).stream  # the stream torch and Warp share (see _share_stream)
     with torch.cuda.graph(graph, stream=torch.cuda.current_stream(device), capture_error_mode="thread_local"):
         # Tell Warp that a capture is on, so that MuJoCo Warp's launches are recorded into this graph.
-        wp.capture_begin(stream=stream, force_module_load=False, external=True, capture_mode=wp.CaptureMode.THREAD_LOCAL)
+        wp.capture_begin(
+            stream=stream, force_module_load=False, external=True, capture_mode=wp.CaptureMode.THREAD_LOCAL
+        )
         try:
             fn()
         finally:
@@ -558,10 +618,15 @@ def quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hamilton product a * b (rotate by b first, then by a)."""
     aw, ax, ay, az = a.unbind(-1)
     bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
-                        aw * bx + ax * bw + ay * bz - az * by,
-                        aw * by - ax * bz + ay * bw + az * bx,
-                        aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+    return torch.stack(
+        [
+            aw * bw - ax * bx - ay * by - az * bz,
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+        ],
+        dim=-1,
+    )
 
 
 def quat_conjugate(q: torch.Tensor) -> torch.Tensor:
@@ -616,8 +681,10 @@ class Renderer:
 
     def __init__(self, sim: BatchedSim, width: int = 640, height: int = 480, camera: str | int = -1):
         self.sim, self.camera = sim, camera
-        fix = ("set MUJOCO_GL=egl on a GPU machine (Debian/Ubuntu: apt-get install libegl1) or MUJOCO_GL=osmesa on "
-               "a CPU one (apt-get install libosmesa6), or run without --capture-video")
+        fix = (
+            "set MUJOCO_GL=egl on a GPU machine (Debian/Ubuntu: apt-get install libegl1) or MUJOCO_GL=osmesa on "
+            "a CPU one (apt-get install libosmesa6), or run without --capture-video"
+        )
         if _GL_PROBLEM is not None:  # known since import: MuJoCo was imported without rendering
             raise UserError(f"no OpenGL rendering backend works here: {_GL_PROBLEM}. To render, {fix}")
         try:
@@ -627,8 +694,9 @@ class Renderer:
             setting = f"MUJOCO_GL={backend}" if backend else "MUJOCO_GL unset"
             if platform.system() == "Linux" and (backend or "").strip().lower() in _GL_OTHERS["Linux"]:
                 setting += ", a window through GLFW, which needs a display"
-            raise UserError(f"no OpenGL rendering backend works here ({setting}: {str(e).splitlines()[0]}). "
-                            f"To render, {fix}") from None
+            raise UserError(
+                f"no OpenGL rendering backend works here ({setting}: {str(e).splitlines()[0]}). To render, {fix}"
+            ) from None
         self._data = mujoco.MjData(sim.mjm)
 
     @staticmethod
@@ -701,8 +769,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_range(args, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-                hi_open: bool = False, integer: bool = False, hint: str = "") -> None:
+def check_range(
+    args,
+    name: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+    hint: str = "",
+) -> None:
     """Raise UserError unless getattr(args, name) lies in the interval [lo, hi] (open ends as asked), is finite, and
     is an integer if `integer`. None passes (an unset optional). NaN and infinities fail every check."""
     value = getattr(args, name)
@@ -716,8 +792,10 @@ def check_range(args, name: str, lo: float | None = None, hi: float | None = Non
         left = "" if lo is None else f"{'>' if lo_open else 'at least'} {lo:g}"
         right = "" if hi is None else f"{'<' if hi_open else 'at most'} {hi:g}"
         domain = " and ".join(s for s in (left, right) if s) or "finite"
-        raise UserError(f"{flag(name)} must be {'an integer ' if integer else ''}{domain}, got {value}"
-                        + (f": {hint}" if hint else ""))
+        raise UserError(
+            f"{flag(name)} must be {'an integer ' if integer else ''}{domain}, got {value}"
+            + (f": {hint}" if hint else "")
+        )
 
 
 def check_pair(args, name: str, lo: float | None = None, integer: bool = False, ordered: bool = True) -> None:
@@ -728,8 +806,10 @@ def check_pair(args, name: str, lo: float | None = None, integer: bool = False, 
     a, b = pair
     bad = not all(math.isfinite(v) and (not integer or float(v).is_integer()) and (lo is None or v >= lo) for v in pair)
     if bad:
-        raise UserError(f"{flag(name)} {a} {b}: both values must be finite{' integers' if integer else ''}"
-                        + (f" of at least {lo:g}" if lo is not None else ""))
+        raise UserError(
+            f"{flag(name)} {a} {b}: both values must be finite{' integers' if integer else ''}"
+            + (f" of at least {lo:g}" if lo is not None else "")
+        )
     if ordered and a > b:
         raise UserError(f"{flag(name)} {a} {b}: give the lower bound first ({flag(name)} {b} {a})")
 
@@ -750,8 +830,17 @@ def check_common_args(args, num_obs_steps_hint: str = "") -> None:
     check_range(args, "seed", 0, 2**32 - 1, integer=True, hint="NumPy seeds are unsigned 32-bit integers")
     check_name(args, "wandb_project_name")
     check_name(args, "wandb_entity", optional=True)
-    for name in ("num_envs", "num_iterations", "num_steps", "num_minibatches", "update_epochs", "save_interval",
-                 "video_interval", "video_length", "eval_envs"):
+    for name in (
+        "num_envs",
+        "num_iterations",
+        "num_steps",
+        "num_minibatches",
+        "update_epochs",
+        "save_interval",
+        "video_interval",
+        "video_length",
+        "eval_envs",
+    ):
         check_range(args, name, 1, integer=True)
     check_range(args, "eval_interval", 0, integer=True, hint="0 turns evaluations off")
     check_range(args, "learning_rate", 0, 1, lo_open=True, hint="rsl_rl's 1e-3 is a good start")
@@ -767,16 +856,21 @@ def check_common_args(args, num_obs_steps_hint: str = "") -> None:
     if args.eval and args.export:
         raise UserError("--eval and --export together: give one of them (run the command twice)")
     if (args.eval or args.export) and not args.checkpoint:
-        raise UserError(f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint "
-                        "runs/<run>/checkpoints/latest.pt")
+        raise UserError(
+            f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint runs/<run>/checkpoints/latest.pt"
+        )
     if args.num_envs is not None:
         batch = args.num_envs * args.num_steps
         if batch % args.num_minibatches:
-            raise UserError(f"the batch of num_envs * num_steps = {batch} does not split into "
-                            f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs")
+            raise UserError(
+                f"the batch of num_envs * num_steps = {batch} does not split into "
+                f"{args.num_minibatches} minibatches: change --num-minibatches or --num-envs"
+            )
         if batch // args.num_minibatches < 2:
-            raise UserError(f"minibatches of {batch // args.num_minibatches} sample(s): advantages are normalized "
-                            "per minibatch and need at least 2; lower --num-minibatches or raise --num-envs")
+            raise UserError(
+                f"minibatches of {batch // args.num_minibatches} sample(s): advantages are normalized "
+                "per minibatch and need at least 2; lower --num-minibatches or raise --num-envs"
+            )
 
 
 def read_command_line(args_cls, check_args):
@@ -814,13 +908,17 @@ def adopt_checkpoint_args(args, args_cls, script: str, task_fields: tuple[str, .
         resumed = tyro.cli(args_cls, default=defaults)  # what the command line sets wins
         for name in sorted(names - set(mode)):
             if name in saved and getattr(resumed, name) != _as_field(saved[name]):
-                print(f"note: {flag(name)} {getattr(resumed, name)} from the command line (the checkpoint has "
-                      f"{saved[name]})", flush=True)
+                print(
+                    f"note: {flag(name)} {getattr(resumed, name)} from the command line (the checkpoint has "
+                    f"{saved[name]})",
+                    flush=True,
+                )
         return resumed
     for name in task_fields:
         if name in saved and _as_field(saved[name]) != getattr(args, name):
-            print(f"note: using the checkpoint's {flag(name)} {saved[name]} (its policy was trained with it)",
-                  flush=True)
+            print(
+                f"note: using the checkpoint's {flag(name)} {saved[name]} (its policy was trained with it)", flush=True
+            )
             setattr(args, name, _as_field(saved[name]))
     return args
 
@@ -854,8 +952,10 @@ def load_checkpoint(path: str, device: torch.device, script: str) -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a torch file: one message
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated or not a "
-                        "checkpoint; use another one, e.g. runs/<run>/checkpoints/latest.pt") from None
+        raise UserError(
+            f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated or not a "
+            "checkpoint; use another one, e.g. runs/<run>/checkpoints/latest.pt"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         origin = ckpt.get("script", "something else") if isinstance(ckpt, dict) else "something else"
         raise UserError(f"{path} is not a checkpoint of {script}.py (it comes from {origin})")
@@ -870,8 +970,10 @@ def read_checkpoint_args(path: str, script: str) -> dict:
 def check_checkpoint_dims(ckpt: dict, path: str, num_obs: int, num_actions: int) -> None:
     """UserError unless the checkpoint's policy has this task's observation and action sizes."""
     if (ckpt.get("obs_dim"), ckpt.get("act_dim")) != (num_obs, num_actions):
-        raise UserError(f"{path} has {ckpt.get('obs_dim')} observations and {ckpt.get('act_dim')} actions; "
-                        f"this task has {num_obs} and {num_actions}")
+        raise UserError(
+            f"{path} has {ckpt.get('obs_dim')} observations and {ckpt.get('act_dim')} actions; "
+            f"this task has {num_obs} and {num_actions}"
+        )
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -943,8 +1045,10 @@ def check_wandb_login() -> None:
             return
     except (OSError, netrc.NetrcParseError):
         pass
-    raise UserError("--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
-                    "offline with WANDB_MODE=offline (then `wandb sync` later)")
+    raise UserError(
+        "--track needs a Weights & Biases login: run `wandb login` (or set WANDB_API_KEY), or log "
+        "offline with WANDB_MODE=offline (then `wandb sync` later)"
+    )
 
 
 class Logger:
@@ -955,16 +1059,26 @@ class Logger:
     (W&B's resume_from), offline it resumes it and W&B drops steps it already has. W&B's files go to
     <run>/wandb, next to everything else the run writes."""
 
-    def __init__(self, run_dir: Path, config: dict, track: bool, project: str, entity: str | None,
-                 resume_step: int | None = None, wandb_id: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        track: bool,
+        project: str,
+        entity: str | None,
+        resume_step: int | None = None,
+        wandb_id: str | None = None,
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.wandb = run_dir, None
         # flush_secs: a killed run loses at most 10 s of curves.
-        self.writer = SummaryWriter(str(run_dir), flush_secs=10,
-                                    purge_step=resume_step + 1 if resume_step is not None else None)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
-                             + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        self.writer = SummaryWriter(
+            str(run_dir), flush_secs=10, purge_step=resume_step + 1 if resume_step is not None else None
+        )
+        self.writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items())
+        )
         if track:
             import wandb  # only --track needs it
 
@@ -972,10 +1086,19 @@ class Logger:
             offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
             resume = {}
             if wandb_id is not None and resume_step is not None:
-                resume = ({"id": wandb_id, "resume": "allow"} if offline
-                          else {"resume_from": f"{wandb_id}?_step={resume_step}"})
-            self.wandb = wandb.init(project=project, entity=entity, config=config, name=run_dir.name,
-                                    dir=str(run_dir), **(resume or {"id": self.wandb_id}))
+                resume = (
+                    {"id": wandb_id, "resume": "allow"}
+                    if offline
+                    else {"resume_from": f"{wandb_id}?_step={resume_step}"}
+                )
+            self.wandb = wandb.init(
+                project=project,
+                entity=entity,
+                config=config,
+                name=run_dir.name,
+                dir=str(run_dir),
+                **(resume or {"id": self.wandb_id}),
+            )
         else:
             self.wandb_id = wandb_id
 
@@ -1012,9 +1135,17 @@ def write_config(run_dir: Path, script: str, args, device: torch.device) -> None
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = None
-    write_json(run_dir / "config.json", {"script": script, "args": dataclasses.asdict(args), "device": str(device),
-                                         "device_name": device_name(device), "versions": versions,
-                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json(
+        run_dir / "config.json",
+        {
+            "script": script,
+            "args": dataclasses.asdict(args),
+            "device": str(device),
+            "device_name": device_name(device),
+            "versions": versions,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1032,8 +1163,11 @@ class StopRequest:
     def _handle(self, signum, _frame):
         self.signal = signum
         signal.signal(signum, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
-              "(send it again to stop at once)", flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this iteration, then saving a checkpoint "
+            "(send it again to stop at once)",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1079,22 +1213,33 @@ def run_main(main, args, args_cls, script: str, task_fields: tuple[str, ...]) ->
     except Exception as e:
         if not out_of_memory(e):
             raise
-        print(f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a "
-              "smaller --num-envs, e.g. half", file=sys.stderr)
+        print(
+            f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a "
+            "smaller --num-envs, e.g. half",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
 def nonfinite_tensors(modules: dict[str, torch.nn.Module]) -> torch.Tensor:
     """A device bool: whether any parameter or buffer of these modules holds a NaN or an infinity (no host sync)."""
-    flags = [~torch.isfinite(t).all() for m in modules.values() for t in [*m.parameters(), *m.buffers()]
-             if t.is_floating_point()]
+    flags = [
+        ~torch.isfinite(t).all()
+        for m in modules.values()
+        for t in [*m.parameters(), *m.buffers()]
+        if t.is_floating_point()
+    ]
     return torch.stack(flags).any()
 
 
 def nonfinite_names(modules: dict[str, torch.nn.Module]) -> list[str]:
     """The names of the parameters and buffers holding NaN or infinity (host side, for the error message)."""
-    return [f"{name}.{n}" for name, m in modules.items() for n, t in [*m.named_parameters(), *m.named_buffers()]
-            if t.is_floating_point() and not torch.isfinite(t).all()]
+    return [
+        f"{name}.{n}"
+        for name, m in modules.items()
+        for n, t in [*m.named_parameters(), *m.named_buffers()]
+        if t.is_floating_point() and not torch.isfinite(t).all()
+    ]
 
 
 def note_gpu_only_flags(args, device: torch.device) -> None:
@@ -1102,8 +1247,9 @@ def note_gpu_only_flags(args, device: torch.device) -> None:
     if device.type == "cpu":
         off = [flag(f"no_{n}") for n in SPEED_FLAGS if not getattr(args, n)]
         if off:
-            print(f"note: {', '.join(off)} change nothing on the CPU, which always runs plain eager float32",
-                  flush=True)
+            print(
+                f"note: {', '.join(off)} change nothing on the CPU, which always runs plain eager float32", flush=True
+            )
 
 
 SPEED_FLAGS = ("compile", "cudagraphs", "tf32", "bf16")
@@ -1147,8 +1293,15 @@ def export_policy(policy: torch.nn.Module, num_obs: int, out_dir: Path) -> list[
     written = [out_dir / "policy.pt"]
     torch.jit.trace(policy, example).save(str(written[0]))
     try:
-        torch.onnx.export(policy, (example,), str(out_dir / "policy.onnx"), input_names=["obs"],
-                          output_names=["actions"], dynamic_axes={"obs": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            policy,
+            (example,),
+            str(out_dir / "policy.onnx"),
+            input_names=["obs"],
+            output_names=["actions"],
+            dynamic_axes={"obs": {0: "batch"}},
+            dynamo=False,
+        )
         written.append(out_dir / "policy.onnx")
     except Exception as e:  # noqa: BLE001 - ONNX is optional: TorchScript was written
         print(f"note: ONNX export skipped ({type(e).__name__}: {e}); pip install onnx to enable it")

@@ -18,12 +18,10 @@ import time
 PROCESS_START = time.time()  # wall-clock figures count from the script's first line, imports included
 
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import envs_common as ec
 from envs_common import UserError
@@ -46,7 +44,7 @@ class Args:
     """if toggled, this experiment is tracked with Weights and Biases"""
     wandb_project_name: str = "isaac-ppo"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the entity (team) of the wandb project"""
     capture_video: bool = False
     """if toggled, render an mp4 of one environment every `video_interval` iterations (in runs/<run>/videos)"""
@@ -56,7 +54,7 @@ class Args:
     """policy steps (50 per second) in one video"""
     save_interval: int = 100
     """iterations between two checkpoints (one is always written at the end)"""
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """a checkpoint to resume training from (its arguments are adopted), or the policy for --eval or --export"""
     eval: bool = False
     """play the deterministic policy of --checkpoint on fresh commands and print its metrics; no training"""
@@ -72,9 +70,9 @@ class Args:
     """on a GPU, record the rollout step and the minibatch update as CUDA graphs and replay them"""
 
     # Sizes
-    num_envs: Optional[int] = None
+    num_envs: int | None = None
     """number of parallel environments (default: 4096 on a GPU, 32 on the CPU)"""
-    num_iterations: Optional[int] = None
+    num_iterations: int | None = None
     """number of PPO iterations of num_envs * num_steps steps each (default: 500 on a GPU, 5 on the CPU)"""
     num_steps: int = 24
     """steps per environment per iteration (the rollout's length)"""
@@ -124,7 +122,7 @@ class Args:
     """clip each step's reward (termination aside) at zero, as legged_gym can"""
     action_scale: float = 0.25
     """joint target = home pose + action_scale * action (rad)"""
-    solver: Optional[tuple[int, int]] = None
+    solver: tuple[int, int] | None = None
     """Newton and line-search iterations per physics step instead of go1.xml's 4 and 8 (faster, less accurate)"""
     eval_interval: int = 100
     """iterations between two deterministic evaluations logged under eval/ (0: never)"""
@@ -153,7 +151,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.distributions import Normal  # noqa: E402
-
 
 # ==================================================================================================================
 # The task: a Go1 tracking a commanded base velocity on flat ground
@@ -195,7 +192,7 @@ class Go1Config:
     command_resample_s: float
     only_positive_rewards: bool
     action_scale: float
-    solver: Optional[tuple[int, int]]
+    solver: tuple[int, int] | None
 
     @classmethod
     def from_args(cls, args: Args) -> Go1Config:
@@ -242,8 +239,10 @@ class Go1Env:
         if list(mjm.jnt_qposadr[1:]) != list(range(7, mjm.nq)) or not mjm.jnt_limited[1:].all():
             raise UserError("go1.xml must have its free joint first, then one limited hinge per actuator")
         self.dof_lower, self.dof_upper = torch.tensor(mjm.jnt_range[1:].T, dtype=torch.float32, device=device)
-        home_lo, home_hi = (torch.minimum(self.default_dof_pos * 0.5, self.default_dof_pos * 1.5),
-                            torch.maximum(self.default_dof_pos * 0.5, self.default_dof_pos * 1.5))
+        home_lo, home_hi = (
+            torch.minimum(self.default_dof_pos * 0.5, self.default_dof_pos * 1.5),
+            torch.maximum(self.default_dof_pos * 0.5, self.default_dof_pos * 1.5),
+        )
         self.reset_dof_lo = torch.maximum(home_lo, self.dof_lower)
         self.reset_dof_hi = torch.minimum(home_hi, self.dof_upper)
         if not bool((self.reset_dof_lo <= self.reset_dof_hi).all()):  # once, at start-up
@@ -271,16 +270,40 @@ class Go1Env:
         self.reward_names = list(REWARD_SCALES)
         self.episode_sums = {name: z() for name in self.reward_names}
         # Statistics summed per environment on the device, reduced over environments once per iteration (pop_stats).
-        stat_names = ["episodes", "falls", "return", "length", "lin_err", "ang_err", "err_steps", "lin_err_ss",
-                      "ang_err_ss", "ss_steps", "nonfinite", "overflows"]
+        stat_names = [
+            "episodes",
+            "falls",
+            "return",
+            "length",
+            "lin_err",
+            "ang_err",
+            "err_steps",
+            "lin_err_ss",
+            "ang_err_ss",
+            "ss_steps",
+            "nonfinite",
+            "overflows",
+        ]
         self.stats = {k: z() for k in stat_names + [f"rew_{n}" for n in self.reward_names]}
 
-    STATE = ("actions", "last_actions", "last_dof_vel", "commands", "command_age", "feet_air_time", "last_contacts",
-             "episode_length", "episode_return")
+    STATE = (
+        "actions",
+        "last_actions",
+        "last_dof_vel",
+        "commands",
+        "command_age",
+        "feet_air_time",
+        "last_contacts",
+        "episode_length",
+        "episode_return",
+    )
 
     def state_dict(self) -> dict:
-        return {"sim": self.sim.get_state(), "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
-                **{k: getattr(self, k).clone() for k in self.STATE}}
+        return {
+            "sim": self.sim.get_state(),
+            "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
+            **{k: getattr(self, k).clone() for k in self.STATE},
+        }
 
     def load_state_dict(self, state: dict) -> torch.Tensor:
         """Restore a state_dict() and return the observations it gives."""
@@ -304,14 +327,16 @@ class Go1Env:
         self.commands.copy_(torch.where(mask[:, None], cmd, self.commands))
         self.command_age.masked_fill_(mask, 0)
 
-    def reset(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def reset(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reset the environments in `mask` (all if None) on the device and return all observations."""
         if mask is None:
             mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         n, s = self.num_envs, self.sim
         qpos = s.default_qpos.expand(n, -1).clone()
         qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-math.pi, hi=math.pi))  # any heading
-        qpos[:, 7:] = self._rand(n, self.num_actions, lo=self.reset_dof_lo, hi=self.reset_dof_hi)  # home * U(0.5, 1.5), in range
+        qpos[:, 7:] = self._rand(
+            n, self.num_actions, lo=self.reset_dof_lo, hi=self.reset_dof_hi
+        )  # home * U(0.5, 1.5), in range
         qpos[:, 7:].clamp_(self.dof_lower, self.dof_upper)  # float rounding must not step past a limit
         qvel = torch.zeros(n, s.mjm.nv, device=self.device)
         qvel[:, 0:6] = self._rand(n, 6, lo=-0.5, hi=0.5)  # legged_gym: base velocities U(-0.5, 0.5)
@@ -331,8 +356,18 @@ class Go1Env:
         self.episode_length.copy_((self._rand(self.num_envs) * self.max_episode_length).long())
 
     def _observe(self) -> torch.Tensor:
-        return torch.cat([self.base_lin_vel, self.root_ang_vel_b, self.projected_gravity, self.commands,
-                          self.dof_pos - self.default_dof_pos, self.dof_vel, self.actions], dim=-1)
+        return torch.cat(
+            [
+                self.base_lin_vel,
+                self.root_ang_vel_b,
+                self.projected_gravity,
+                self.commands,
+                self.dof_pos - self.default_dof_pos,
+                self.dof_vel,
+                self.actions,
+            ],
+            dim=-1,
+        )
 
     def _refresh_base_state(self) -> None:
         self.base_lin_vel.copy_(ec.quat_rotate_inverse(self.root_quat, self.root_lin_vel_w))
@@ -420,15 +455,23 @@ class Go1Env:
         for t in self.stats.values():
             t.zero_()
         steps, steady = max(v["err_steps"], 1.0), v["ss_steps"]
-        out = {"lin_vel_error": v["lin_err"] / steps, "yaw_rate_error": v["ang_err"] / steps,
-               "lin_vel_error_steady": v["lin_err_ss"] / steady if steady else float("nan"),
-               "yaw_rate_error_steady": v["ang_err_ss"] / steady if steady else float("nan"),
-               "nonfinite_resets": v["nonfinite"], "overflows": v["overflows"], "episodes": v["episodes"],
-               "falls": v["falls"]}
+        out = {
+            "lin_vel_error": v["lin_err"] / steps,
+            "yaw_rate_error": v["ang_err"] / steps,
+            "lin_vel_error_steady": v["lin_err_ss"] / steady if steady else float("nan"),
+            "yaw_rate_error_steady": v["ang_err_ss"] / steady if steady else float("nan"),
+            "nonfinite_resets": v["nonfinite"],
+            "overflows": v["overflows"],
+            "episodes": v["episodes"],
+            "falls": v["falls"],
+        }
         if v["episodes"] > 0:
             episodes = v["episodes"]
-            out.update(fall_rate=v["falls"] / episodes, episodic_return=v["return"] / episodes,
-                       episodic_length_s=v["length"] / episodes * self.dt)
+            out.update(
+                fall_rate=v["falls"] / episodes,
+                episodic_return=v["return"] / episodes,
+                episodic_length_s=v["length"] / episodes * self.dt,
+            )
             out.update({f"reward_{n}": v[f"rew_{n}"] / episodes for n in self.reward_names})
         return out
 
@@ -539,8 +582,9 @@ class ActorCritic(nn.Module):
     learnable log standard deviation of the Gaussian policy. Observations (batch, num_obs), actions
     (batch, num_actions). With bf16, the hidden layers run in bfloat16 autocast."""
 
-    def __init__(self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(512, 256, 128),
-                 bf16: bool = False):
+    def __init__(
+        self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(512, 256, 128), bf16: bool = False
+    ):
         super().__init__()
         self.actor = mlp([num_obs, *hidden, num_actions], out_std=0.01)
         self.critic = mlp([num_obs, *hidden, 1], out_std=1.0)
@@ -600,10 +644,20 @@ class RolloutStorage:
         def z(*shape, dtype=torch.float32):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
-        return cls(obs=z(T, N, num_obs), actions=z(T, N, num_actions), logprobs=z(T, N), rewards=z(T, N),
-                   dones=z(T, N, dtype=torch.bool), truncated=z(T, N, dtype=torch.bool), final_obs=z(T, N, num_obs),
-                   values=z(T, N), advantages=z(T, N), returns=z(T, N), step=z(1, dtype=torch.long),
-                   next_obs=z(N, num_obs))
+        return cls(
+            obs=z(T, N, num_obs),
+            actions=z(T, N, num_actions),
+            logprobs=z(T, N),
+            rewards=z(T, N),
+            dones=z(T, N, dtype=torch.bool),
+            truncated=z(T, N, dtype=torch.bool),
+            final_obs=z(T, N, num_obs),
+            values=z(T, N),
+            advantages=z(T, N),
+            returns=z(T, N),
+            step=z(1, dtype=torch.long),
+            next_obs=z(N, num_obs),
+        )
 
 
 @torch.no_grad()
@@ -613,9 +667,15 @@ def rollout_step(env: Go1Env, agent: ActorCritic, normalizer: ObservationNormali
     obs = normalizer(storage.next_obs)
     action, logprob = agent.get_action(obs)
     next_obs, reward, terminated, truncated, final_obs = env.step(action)
-    for buf, x in ((storage.obs, obs), (storage.actions, action), (storage.logprobs, logprob),
-                   (storage.rewards, reward), (storage.dones, terminated | truncated), (storage.truncated, truncated),
-                   (storage.final_obs, normalizer(final_obs))):
+    for buf, x in (
+        (storage.obs, obs),
+        (storage.actions, action),
+        (storage.logprobs, logprob),
+        (storage.rewards, reward),
+        (storage.dones, terminated | truncated),
+        (storage.truncated, truncated),
+        (storage.final_obs, normalizer(final_obs)),
+    ):
         buf.index_copy_(0, storage.step, x.unsqueeze(0))
     storage.next_obs.copy_(next_obs)
     storage.step.add_(1)
@@ -646,8 +706,9 @@ def finish_rollout(agent: ActorCritic, normalizer: ObservationNormalizer, storag
     final_values = agent.get_value(storage.final_obs.view(T * N, -1)).view(T, N)
     storage.rewards.add_(args.gamma * final_values * storage.truncated)  # time-outs are not failures
     next_value = agent.get_value(normalizer(storage.next_obs))
-    advantages, returns = compute_gae(storage.rewards, storage.values, storage.dones, next_value, args.gamma,
-                                      args.gae_lambda)
+    advantages, returns = compute_gae(
+        storage.rewards, storage.values, storage.dones, next_value, args.gamma, args.gae_lambda
+    )
     storage.advantages.copy_(advantages)
     storage.returns.copy_(returns)
 
@@ -700,8 +761,13 @@ def ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args: Args
 # ==================================================================================================================
 # Evaluation and video
 # ==================================================================================================================
-EVAL_UNITS = {"lin_vel_error": "m/s", "lin_vel_error_steady": "m/s", "yaw_rate_error": "rad/s",
-              "yaw_rate_error_steady": "rad/s", "episode_length_s": "s"}
+EVAL_UNITS = {
+    "lin_vel_error": "m/s",
+    "lin_vel_error_steady": "m/s",
+    "yaw_rate_error": "rad/s",
+    "yaw_rate_error_steady": "rad/s",
+    "episode_length_s": "s",
+}
 
 
 @torch.no_grad()
@@ -720,10 +786,17 @@ def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, 
             run_eval_step()
         s = env.pop_stats()
     low, high = ec.wilson_interval(s["falls"], s["episodes"])
-    return {"lin_vel_error": s["lin_vel_error"], "lin_vel_error_steady": s["lin_vel_error_steady"],
-            "yaw_rate_error": s["yaw_rate_error"], "yaw_rate_error_steady": s["yaw_rate_error_steady"],
-            "fall_rate": s.get("fall_rate", 0.0), "fall_rate_ci95_low": low, "fall_rate_ci95_high": high,
-            "episodes": int(s["episodes"]), "episode_length_s": s.get("episodic_length_s", 0.0)}
+    return {
+        "lin_vel_error": s["lin_vel_error"],
+        "lin_vel_error_steady": s["lin_vel_error_steady"],
+        "yaw_rate_error": s["yaw_rate_error"],
+        "yaw_rate_error_steady": s["yaw_rate_error_steady"],
+        "fall_rate": s.get("fall_rate", 0.0),
+        "fall_rate_ci95_low": low,
+        "fall_rate_ci95_high": high,
+        "episodes": int(s["episodes"]),
+        "episode_length_s": s.get("episodic_length_s", 0.0),
+    }
 
 
 @torch.no_grad()
@@ -756,8 +829,11 @@ def main(args: Args) -> None:
     check_args(args)
     device = ec.resolve_device(args.device)
     if device.type == "cpu" and not (args.eval or args.export) and None in (args.num_envs, args.num_iterations):
-        print(f"note: no GPU in use, so running small on the CPU (--num-envs {args.num_envs or 32}, --num-iterations "
-              f"{args.num_iterations or 5}): this shows the pipeline; learning to walk needs a GPU", flush=True)
+        print(
+            f"note: no GPU in use, so running small on the CPU (--num-envs {args.num_envs or 32}, --num-iterations "
+            f"{args.num_iterations or 5}): this shows the pipeline; learning to walk needs a GPU",
+            flush=True,
+        )
     args.num_envs = args.num_envs or (4096 if device.type == "cuda" else 32)
     args.num_iterations = args.num_iterations or (500 if device.type == "cuda" else 5)
     check_args(args)
@@ -777,8 +853,13 @@ def main(args: Args) -> None:
     agent = ActorCritic(env.num_obs, env.num_actions, args.init_noise_std, bf16=args.bf16).to(device)
     normalizer = ObservationNormalizer(env.num_obs, clip=args.obs_clip).to(device)
     # The learning rate is a device tensor, so that the KL-adaptive schedule changes it without a host sync.
-    optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
-                                 fused=device.type == "cuda", capturable=args.cudagraphs)
+    optimizer = torch.optim.Adam(
+        agent.parameters(),
+        lr=torch.tensor(args.learning_rate, device=device),
+        eps=1e-5,
+        fused=device.type == "cuda",
+        capturable=args.cudagraphs,
+    )
     start_iteration, global_step = 1, 0
     if ckpt is not None:
         agent.load_state_dict(ckpt["model"])
@@ -786,8 +867,10 @@ def main(args: Args) -> None:
         ec.load_optimizer_state(optimizer, ckpt["optimizer"])
         start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
         if start_iteration > args.num_iterations and not (args.eval or args.export):
-            raise UserError(f"{args.checkpoint} is at iteration {ckpt['iteration']} already: pass a larger "
-                            f"--num-iterations to train on")
+            raise UserError(
+                f"{args.checkpoint} is at iteration {ckpt['iteration']} already: pass a larger "
+                f"--num-iterations to train on"
+            )
 
     if args.export:
         out_dir = ec.run_dir_of(args.checkpoint) / "export"
@@ -795,8 +878,10 @@ def main(args: Args) -> None:
             print(f"wrote {path}")
         return
     if args.eval:
-        print(f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
-              flush=True)
+        print(
+            f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
+            flush=True,
+        )
         metrics = evaluate(agent, normalizer, device, args, args.num_envs)
         ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
         out = ec.run_dir_of(args.checkpoint) / "eval.json"
@@ -816,8 +901,11 @@ def main(args: Args) -> None:
         ec.set_rng_state(ckpt["rng"])
     else:
         if ckpt is not None:
-            print(f"note: {args.checkpoint} was saved with {ckpt['args']['num_envs']} environments: the "
-                  "environments start afresh", flush=True)
+            print(
+                f"note: {args.checkpoint} was saved with {ckpt['args']['num_envs']} environments: the "
+                "environments start afresh",
+                flush=True,
+            )
         storage.next_obs.copy_(env.reset())
         env.desynchronize()
     batch_size = T * N
@@ -834,21 +922,33 @@ def main(args: Args) -> None:
     run_rollout_step = graphed(lambda: step_fn(env, agent, normalizer, storage), device)
     run_finish_rollout = graphed(lambda: finish_rollout(agent, normalizer, storage, args), device)
     run_minibatch_update = graphed(
-        lambda: ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device)
+        lambda: ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device
+    )
 
     # ---- The run folder and its loggers (a resumed run keeps writing into its own folder) ----
     resuming = ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints"
     run_dir = ec.run_dir_of(args.checkpoint) if resuming else ec.new_run_dir(args.exp_name, args.seed)
-    logger = ec.Logger(run_dir, dataclasses.asdict(args), args.track, args.wandb_project_name, args.wandb_entity,
-                       resume_step=global_step if ckpt is not None else None,
-                       wandb_id=ckpt.get("wandb_id") if resuming else None)
+    logger = ec.Logger(
+        run_dir,
+        dataclasses.asdict(args),
+        args.track,
+        args.wandb_project_name,
+        args.wandb_entity,
+        resume_step=global_step if ckpt is not None else None,
+        wandb_id=ckpt.get("wandb_id") if resuming else None,
+    )
     ec.write_config(run_dir, SCRIPT, args, device)
     stop = ec.StopRequest()
-    print(f"{run_dir.name}: {N} environments on {ec.device_name(device)}, iterations {start_iteration} to "
-          f"{args.num_iterations} of {T} steps; start-up took {time.time() - PROCESS_START:.1f} s", flush=True)
+    print(
+        f"{run_dir.name}: {N} environments on {ec.device_name(device)}, iterations {start_iteration} to "
+        f"{args.num_iterations} of {T} steps; start-up took {time.time() - PROCESS_START:.1f} s",
+        flush=True,
+    )
     if args.compile:
-        print("torch.compile: the first iteration compiles the rollout step and the loss (--no-compile skips this)",
-              flush=True)
+        print(
+            "torch.compile: the first iteration compiles the rollout step and the loss (--no-compile skips this)",
+            flush=True,
+        )
 
     last_checkpoint, last_eval, eval_time, iteration_times = None, {}, 0.0, []
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -872,18 +972,44 @@ def main(args: Args) -> None:
                 run_minibatch_update()  # ppo_loss(), KL-adaptive learning rate, backward, clip, Adam
         nonfinite = ec.nonfinite_tensors({"agent": agent, "normalizer": normalizer})
         explained_var = 1 - (storage.returns - storage.values).var() / storage.returns.var().clamp(min=1e-8)
-        values = torch.cat([update_stats / (args.update_epochs * args.num_minibatches), explained_var[None],
-                            agent.actor_logstd.exp().mean()[None], optimizer.param_groups[0]["lr"].view(1),
-                            nonfinite.float()[None]]).tolist()  # the iteration's one wait for the device
-        losses = dict(zip(["value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                           "explained_variance", "action_std", "learning_rate", "nonfinite"], values))
+        values = torch.cat(
+            [
+                update_stats / (args.update_epochs * args.num_minibatches),
+                explained_var[None],
+                agent.actor_logstd.exp().mean()[None],
+                optimizer.param_groups[0]["lr"].view(1),
+                nonfinite.float()[None],
+            ]
+        ).tolist()  # the iteration's one wait for the device
+        losses = dict(
+            zip(
+                [
+                    "value_loss",
+                    "policy_loss",
+                    "entropy",
+                    "old_approx_kl",
+                    "approx_kl",
+                    "clipfrac",
+                    "explained_variance",
+                    "action_std",
+                    "learning_rate",
+                    "nonfinite",
+                ],
+                values,
+            )
+        )
         t_update = time.perf_counter() - t_start - t_rollout
         if losses["nonfinite"] or not all(map(math.isfinite, values)):
             bad = ec.nonfinite_names({"agent": agent, "normalizer": normalizer}) or [
-                k for k, v in losses.items() if not math.isfinite(v)]
-            print(f"error: training became non-finite at iteration {iteration} ({', '.join(bad[:4])}); nothing was "
-                  f"saved from it. Last good checkpoint: {last_checkpoint or args.checkpoint or 'none yet'}. Try a "
-                  "lower --learning-rate or --max-grad-norm", file=sys.stderr, flush=True)
+                k for k, v in losses.items() if not math.isfinite(v)
+            ]
+            print(
+                f"error: training became non-finite at iteration {iteration} ({', '.join(bad[:4])}); nothing was "
+                f"saved from it. Last good checkpoint: {last_checkpoint or args.checkpoint or 'none yet'}. Try a "
+                "lower --learning-rate or --max-grad-norm",
+                file=sys.stderr,
+                flush=True,
+            )
             logger.close()
             sys.exit(3)
 
@@ -892,52 +1018,97 @@ def main(args: Args) -> None:
         iteration_times.append(time.perf_counter() - t_start)
         sps = int(batch_size / iteration_times[-1])
         wall = time.time() - PROCESS_START
-        scalars = {"charts/SPS": sps, "charts/learning_rate": losses["learning_rate"],
-                   "charts/action_std": losses["action_std"],
-                   **{f"losses/{k}": losses[k] for k in ("value_loss", "policy_loss", "entropy", "old_approx_kl",
-                                                         "approx_kl", "clipfrac", "explained_variance")},
-                   "perf/rollout_time": t_rollout, "perf/update_time": t_update, "perf/wall_time": wall,
-                   "metrics/lin_vel_error": stats["lin_vel_error"], "metrics/yaw_rate_error": stats["yaw_rate_error"],
-                   "charts/nonfinite_resets": stats["nonfinite_resets"], "charts/overflows": stats["overflows"]}
+        scalars = {
+            "charts/SPS": sps,
+            "charts/learning_rate": losses["learning_rate"],
+            "charts/action_std": losses["action_std"],
+            **{
+                f"losses/{k}": losses[k]
+                for k in (
+                    "value_loss",
+                    "policy_loss",
+                    "entropy",
+                    "old_approx_kl",
+                    "approx_kl",
+                    "clipfrac",
+                    "explained_variance",
+                )
+            },
+            "perf/rollout_time": t_rollout,
+            "perf/update_time": t_update,
+            "perf/wall_time": wall,
+            "metrics/lin_vel_error": stats["lin_vel_error"],
+            "metrics/yaw_rate_error": stats["yaw_rate_error"],
+            "charts/nonfinite_resets": stats["nonfinite_resets"],
+            "charts/overflows": stats["overflows"],
+        }
         if "fall_rate" in stats:
-            scalars.update({"charts/episodic_return": stats["episodic_return"],
-                            "charts/episodic_length": stats["episodic_length_s"] / env.dt,
-                            "metrics/fall_rate": stats["fall_rate"]})
+            scalars.update(
+                {
+                    "charts/episodic_return": stats["episodic_return"],
+                    "charts/episodic_length": stats["episodic_length_s"] / env.dt,
+                    "metrics/fall_rate": stats["fall_rate"],
+                }
+            )
             scalars.update({f"rewards/{n}": stats[f"reward_{n}"] for n in env.reward_names})
         logger.scalars(scalars, global_step)
-        left = np.median(iteration_times[-20:]) * (args.num_iterations - iteration)
-        print(f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
-              f"return {stats.get('episodic_return', float('nan')):7.2f} | v err {stats['lin_vel_error']:.3f} m/s | "
-              f"yaw err {stats['yaw_rate_error']:.3f} rad/s | falls {stats.get('fall_rate', float('nan')):.3f} | "
-              f"{ec.duration(wall)}, {ec.duration(left)} left" + ec.fault_note(stats), flush=True)
+        steady = iteration_times[2:][-20:]  # the first two iterations compile and record graphs
+        left = float(np.median(steady)) * (args.num_iterations - iteration) if steady else float("nan")
+        print(
+            f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
+            f"return {stats.get('episodic_return', float('nan')):7.2f} | v err {stats['lin_vel_error']:.3f} m/s | "
+            f"yaw err {stats['yaw_rate_error']:.3f} rad/s | falls {stats.get('fall_rate', float('nan')):.3f} | "
+            f"{ec.duration(wall)}, {ec.duration(left)} left" + ec.fault_note(stats),
+            flush=True,
+        )
 
         # ---- Evaluation, checkpoint, video ----
         last = iteration == args.num_iterations
         if stop.signal is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
             t0 = time.time()
             last_eval = evaluate(agent, normalizer, device, args, min(args.eval_envs, N))
-            logger.scalars({**{f"eval/{k}": v for k, v in last_eval.items()}, "eval/wall_time": t0 - PROCESS_START,
-                            "eval/wall_time_without_evals": t0 - PROCESS_START - eval_time}, global_step)
-            print(f"  eval: v err {last_eval['lin_vel_error']:.3f} m/s (steady {last_eval['lin_vel_error_steady']:.3f})"
-                  f" | yaw err {last_eval['yaw_rate_error']:.3f} rad/s | falls {last_eval['fall_rate']:.3f} "
-                  f"(95% CI {last_eval['fall_rate_ci95_low']:.3f}-{last_eval['fall_rate_ci95_high']:.3f}, "
-                  f"{last_eval['episodes']} episodes) | at {ec.duration(t0 - PROCESS_START)} "
-                  f"({ec.duration(t0 - PROCESS_START - eval_time)} without evaluations)", flush=True)
+            logger.scalars(
+                {
+                    **{f"eval/{k}": v for k, v in last_eval.items()},
+                    "eval/wall_time": t0 - PROCESS_START,
+                    "eval/wall_time_without_evals": t0 - PROCESS_START - eval_time,
+                },
+                global_step,
+            )
+            print(
+                f"  eval: v err {last_eval['lin_vel_error']:.3f} m/s (steady {last_eval['lin_vel_error_steady']:.3f})"
+                f" | yaw err {last_eval['yaw_rate_error']:.3f} rad/s | falls {last_eval['fall_rate']:.3f} "
+                f"(95% CI {last_eval['fall_rate_ci95_low']:.3f}-{last_eval['fall_rate_ci95_high']:.3f}, "
+                f"{last_eval['episodes']} episodes) | at {ec.duration(t0 - PROCESS_START)} "
+                f"({ec.duration(t0 - PROCESS_START - eval_time)} without evaluations)",
+                flush=True,
+            )
             eval_time += time.time() - t0
         if iteration % args.save_interval == 0 or last or stop.signal is not None:
             # Everything needed to go on exactly as if never stopped: the environments and every generator included.
-            payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
-                       "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
-                       "normalizer": normalizer.state_dict(), "args": {**dataclasses.asdict(args), **requested_speed},
-                       "obs_dim": env.num_obs, "act_dim": env.num_actions, "env": env.state_dict(),
-                       "rng": ec.rng_state(), "wandb_id": logger.wandb_id}
+            payload = {
+                "script": SCRIPT,
+                "iteration": iteration,
+                "global_step": global_step,
+                "model": agent.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "normalizer": normalizer.state_dict(),
+                "args": {**dataclasses.asdict(args), **requested_speed},
+                "obs_dim": env.num_obs,
+                "act_dim": env.num_actions,
+                "env": env.state_dict(),
+                "rng": ec.rng_state(),
+                "wandb_id": logger.wandb_id,
+            }
             ec.save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
             ec.save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
             last_checkpoint = run_dir / "checkpoints" / "latest.pt"
         if stop.signal is not None:
             logger.close()
-            print(f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint "
-                  f"{last_checkpoint}", flush=True)
+            print(
+                f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint {last_checkpoint}",
+                flush=True,
+            )
             sys.exit(128 + stop.signal)
         if args.capture_video and (iteration % args.video_interval == 0 or last):
             t0 = time.time()
@@ -947,12 +1118,22 @@ def main(args: Args) -> None:
             eval_time += time.time() - t0
 
     # The run's figures in one file: the last evaluation and rollout, and where the time went.
-    ec.write_json(run_dir / "metrics.json", {
-        "iteration": args.num_iterations, "global_step": global_step, "wall_time_s": time.time() - PROCESS_START,
-        "eval_and_video_time_s": eval_time, "last_eval": last_eval, "last_rollouts": stats})
+    ec.write_json(
+        run_dir / "metrics.json",
+        {
+            "iteration": args.num_iterations,
+            "global_step": global_step,
+            "wall_time_s": time.time() - PROCESS_START,
+            "eval_and_video_time_s": eval_time,
+            "last_eval": last_eval,
+            "last_rollouts": stats,
+        },
+    )
     logger.close()
-    print(f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
-          flush=True)
+    print(
+        f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

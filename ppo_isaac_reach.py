@@ -23,7 +23,6 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import envs_common as ec
 from envs_common import UserError
@@ -47,7 +46,7 @@ class Args:
     """if toggled, this experiment is tracked with Weights and Biases"""
     wandb_project_name: str = "isaac-ppo"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the entity (team) of the wandb project"""
     capture_video: bool = False
     """if toggled, render an mp4 of one environment every `video_interval` iterations (in runs/<run>/videos)"""
@@ -57,7 +56,7 @@ class Args:
     """policy steps (50 per second) in one video"""
     save_interval: int = 50
     """iterations between two checkpoints (one is always written at the end)"""
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """a checkpoint to resume training from (its arguments are adopted), or the policy for --eval or --export"""
     eval: bool = False
     """play the deterministic policy of --checkpoint on fresh targets and print its metrics; no training"""
@@ -73,9 +72,9 @@ class Args:
     """on a GPU, record the rollout step and the minibatch update as CUDA graphs and replay them"""
 
     # Sizes
-    num_envs: Optional[int] = None
+    num_envs: int | None = None
     """number of parallel environments (default: 4096 on a GPU, 256 on the CPU)"""
-    num_iterations: Optional[int] = None
+    num_iterations: int | None = None
     """number of PPO iterations of num_envs * num_steps steps each (default: 300 on a GPU, 60 on the CPU)"""
     num_steps: int = 24
     """steps per environment per iteration (the rollout's length)"""
@@ -114,7 +113,7 @@ class Args:
     control_type: str = "position_delta"
     """what an action commands: torque, position (a joint target) or position_delta (a target increment)"""
     max_delta: float = 1.0
-    """position_delta: the largest change of a joint target per policy step, as a fraction of what its speed limit allows"""
+    """position_delta: the largest change of a joint target per step, as a fraction of what its speed limit allows"""
     episode_length_s: float = 5.0
     """episode length in seconds (the arm cannot fail: every episode ends in a bootstrapped time-out)"""
     target_hold_s: float = 2.5
@@ -143,8 +142,10 @@ def check_args(args: Args) -> None:
     for name in ("episode_length_s", "target_hold_s", "success_window_s"):
         ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
     if args.success_window_s > args.target_hold_s:
-        raise UserError(f"--success-window-s {args.success_window_s} is longer than --target-hold-s "
-                        f"{args.target_hold_s}: the window is the end of the hold")
+        raise UserError(
+            f"--success-window-s {args.success_window_s} is longer than --target-hold-s "
+            f"{args.target_hold_s}: the window is the end of the hold"
+        )
     ec.check_range(args, "success_threshold", 0, lo_open=True)
     ec.check_range(args, "reset_noise", 0)
 
@@ -156,7 +157,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from torch.distributions import Normal  # noqa: E402
-
 
 # ==================================================================================================================
 # The task: a 7-joint arm holding its end-effector on targets sampled in a reachable box
@@ -219,8 +219,9 @@ def model_numeric(mjm, name: str, size: int) -> np.ndarray:
     except KeyError:
         values = None
     if values is None or values.shape != (size,):
-        raise UserError(f"{ASSET} needs <custom><numeric name=\"{name}\" data=\"...\"/></custom> with {size} values "
-                        "(one per actuator)")
+        raise UserError(
+            f'{ASSET} needs <custom><numeric name="{name}" data="..."/></custom> with {size} values (one per actuator)'
+        )
     return values
 
 
@@ -251,8 +252,19 @@ class ActionHandler:
     torque_rate_limit (N m/s).
     """
 
-    def __init__(self, control_type: str, lower, upper, torque_limit, max_delta: float, speed_limit, kp, kv, dt: float,
-                 torque_rate_limit):
+    def __init__(
+        self,
+        control_type: str,
+        lower,
+        upper,
+        torque_limit,
+        max_delta: float,
+        speed_limit,
+        kp,
+        kv,
+        dt: float,
+        torque_rate_limit,
+    ):
         self.control_type = control_type
         self.lower, self.upper, self.torque_limit = lower, upper, torque_limit
         self.max_delta = max_delta
@@ -344,9 +356,18 @@ class ReachEnv:
             return torch.tensor(np.asarray(a), dtype=torch.float32, device=device)
 
         self.lower, self.upper = f32(mjm.jnt_range[:, 0]), f32(mjm.jnt_range[:, 1])
-        self.actions_to_ctrl = ActionHandler(cfg.control_type, self.lower, self.upper,
-                                             f32(mjm.actuator_forcerange[:, 1]), cfg.max_delta, f32(speed_limit),
-                                             f32(kp), f32(kv), self.dt, f32(torque_rate_limit))
+        self.actions_to_ctrl = ActionHandler(
+            cfg.control_type,
+            self.lower,
+            self.upper,
+            f32(mjm.actuator_forcerange[:, 1]),
+            cfg.max_delta,
+            f32(speed_limit),
+            f32(kp),
+            f32(kv),
+            self.dt,
+            f32(torque_rate_limit),
+        )
         self.target_low, self.target_high = f32(TARGET_LOW), f32(TARGET_HIGH)
         self.dof_pos, self.dof_vel = s.qpos, s.qvel  # a fixed base: every coordinate is a joint
 
@@ -364,16 +385,40 @@ class ReachEnv:
         self.reward_names = list(REWARD_SCALES)
         self.episode_sums = {name: z() for name in self.reward_names}
         # Statistics summed per environment on the device, reduced over environments once per iteration (pop_stats).
-        stat_names = ["episodes", "return", "length", "targets", "successes", "reached", "reach_time", "hold_err",
-                      "censored", "dist", "dist_steps", "nonfinite", "overflows"]
+        stat_names = [
+            "episodes",
+            "return",
+            "length",
+            "targets",
+            "successes",
+            "reached",
+            "reach_time",
+            "hold_err",
+            "censored",
+            "dist",
+            "dist_steps",
+            "nonfinite",
+            "overflows",
+        ]
         self.stats = {k: z() for k in stat_names + [f"rew_{n}" for n in self.reward_names]}
 
-    STATE = ("actions", "last_actions", "target_time", "first_reach", "window_ok", "window_err", "episode_length",
-             "episode_return")
+    STATE = (
+        "actions",
+        "last_actions",
+        "target_time",
+        "first_reach",
+        "window_ok",
+        "window_err",
+        "episode_length",
+        "episode_return",
+    )
 
     def state_dict(self) -> dict:
-        return {"sim": self.sim.get_state(), "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
-                **{k: getattr(self, k).clone() for k in self.STATE}}
+        return {
+            "sim": self.sim.get_state(),
+            "episode_sums": {k: v.clone() for k, v in self.episode_sums.items()},
+            **{k: getattr(self, k).clone() for k in self.STATE},
+        }
 
     def load_state_dict(self, state: dict) -> torch.Tensor:
         """Restore a state_dict() and return the observations it gives."""
@@ -398,7 +443,7 @@ class ReachEnv:
         self.window_ok.masked_fill_(mask, True)
         self.window_err.masked_fill_(mask, 0.0)
 
-    def reset(self, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def reset(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reset the environments in `mask` (all if None) on the device and return all observations."""
         if mask is None:
             mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
@@ -501,17 +546,27 @@ class ReachEnv:
         for t in self.stats.values():
             t.zero_()
         targets = v["targets"]
-        out = {"mean_distance": v["dist"] / max(v["dist_steps"], 1.0), "targets": targets, "successes": v["successes"],
-               "censored_targets": v["censored"], "nonfinite_resets": v["nonfinite"], "overflows": v["overflows"]}
+        out = {
+            "mean_distance": v["dist"] / max(v["dist_steps"], 1.0),
+            "targets": targets,
+            "successes": v["successes"],
+            "censored_targets": v["censored"],
+            "nonfinite_resets": v["nonfinite"],
+            "overflows": v["overflows"],
+        }
         if targets > 0:
-            out.update(success_rate=v["successes"] / targets, hold_error=v["hold_err"] / targets,
-                       reached_rate=v["reached"] / targets)
+            out.update(
+                success_rate=v["successes"] / targets,
+                hold_error=v["hold_err"] / targets,
+                reached_rate=v["reached"] / targets,
+            )
         if v["reached"] > 0:
             out["time_to_reach"] = v["reach_time"] / v["reached"] * self.dt
         if v["episodes"] > 0:
             episodes = v["episodes"]
-            out.update(episodes=episodes, episodic_return=v["return"] / episodes,
-                       episodic_length=v["length"] / episodes)
+            out.update(
+                episodes=episodes, episodic_return=v["return"] / episodes, episodic_length=v["length"] / episodes
+            )
             out.update({f"reward_{n}": v[f"rew_{n}"] / episodes for n in self.reward_names})
         return out
 
@@ -584,8 +639,9 @@ class ActorCritic(nn.Module):
     learnable log standard deviation of the Gaussian policy. Observations (batch, num_obs), actions
     (batch, num_actions). With bf16, the hidden layers run in bfloat16 autocast."""
 
-    def __init__(self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(256, 128, 64),
-                 bf16: bool = False):
+    def __init__(
+        self, num_obs: int, num_actions: int, init_noise_std: float = 1.0, hidden=(256, 128, 64), bf16: bool = False
+    ):
         super().__init__()
         self.actor = mlp([num_obs, *hidden, num_actions], out_std=0.01)
         self.critic = mlp([num_obs, *hidden, 1], out_std=1.0)
@@ -645,10 +701,20 @@ class RolloutStorage:
         def z(*shape, dtype=torch.float32):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
-        return cls(obs=z(T, N, num_obs), actions=z(T, N, num_actions), logprobs=z(T, N), rewards=z(T, N),
-                   dones=z(T, N, dtype=torch.bool), truncated=z(T, N, dtype=torch.bool), final_obs=z(T, N, num_obs),
-                   values=z(T, N), advantages=z(T, N), returns=z(T, N), step=z(1, dtype=torch.long),
-                   next_obs=z(N, num_obs))
+        return cls(
+            obs=z(T, N, num_obs),
+            actions=z(T, N, num_actions),
+            logprobs=z(T, N),
+            rewards=z(T, N),
+            dones=z(T, N, dtype=torch.bool),
+            truncated=z(T, N, dtype=torch.bool),
+            final_obs=z(T, N, num_obs),
+            values=z(T, N),
+            advantages=z(T, N),
+            returns=z(T, N),
+            step=z(1, dtype=torch.long),
+            next_obs=z(N, num_obs),
+        )
 
 
 @torch.no_grad()
@@ -658,9 +724,15 @@ def rollout_step(env: ReachEnv, agent: ActorCritic, normalizer: ObservationNorma
     obs = normalizer(storage.next_obs)
     action, logprob = agent.get_action(obs)
     next_obs, reward, terminated, truncated, final_obs = env.step(action)
-    for buf, x in ((storage.obs, obs), (storage.actions, action), (storage.logprobs, logprob),
-                   (storage.rewards, reward), (storage.dones, terminated | truncated), (storage.truncated, truncated),
-                   (storage.final_obs, normalizer(final_obs))):
+    for buf, x in (
+        (storage.obs, obs),
+        (storage.actions, action),
+        (storage.logprobs, logprob),
+        (storage.rewards, reward),
+        (storage.dones, terminated | truncated),
+        (storage.truncated, truncated),
+        (storage.final_obs, normalizer(final_obs)),
+    ):
         buf.index_copy_(0, storage.step, x.unsqueeze(0))
     storage.next_obs.copy_(next_obs)
     storage.step.add_(1)
@@ -691,8 +763,9 @@ def finish_rollout(agent: ActorCritic, normalizer: ObservationNormalizer, storag
     final_values = agent.get_value(storage.final_obs.view(T * N, -1)).view(T, N)
     storage.rewards.add_(args.gamma * final_values * storage.truncated)  # time-outs are not failures
     next_value = agent.get_value(normalizer(storage.next_obs))
-    advantages, returns = compute_gae(storage.rewards, storage.values, storage.dones, next_value, args.gamma,
-                                      args.gae_lambda)
+    advantages, returns = compute_gae(
+        storage.rewards, storage.values, storage.dones, next_value, args.gamma, args.gae_lambda
+    )
     storage.advantages.copy_(advantages)
     storage.returns.copy_(returns)
 
@@ -745,8 +818,7 @@ def ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args: Args
 # ==================================================================================================================
 # Evaluation and video
 # ==================================================================================================================
-EVAL_UNITS = {"success_rate": "", "hold_error": "m", "reached_rate": "", "time_to_reach": "s",
-              "mean_distance": "m"}
+EVAL_UNITS = {"success_rate": "", "hold_error": "m", "reached_rate": "", "time_to_reach": "s", "mean_distance": "m"}
 
 
 @torch.no_grad()
@@ -765,11 +837,17 @@ def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, 
             run_eval_step()
         s = env.pop_stats()
     low, high = ec.wilson_interval(s["successes"], s["targets"])
-    return {"success_rate": s.get("success_rate", float("nan")), "success_rate_ci95_low": low,
-            "success_rate_ci95_high": high, "hold_error": s.get("hold_error", float("nan")),
-            "reached_rate": s.get("reached_rate", float("nan")), "time_to_reach": s.get("time_to_reach", float("nan")),
-            "mean_distance": s["mean_distance"], "targets": int(s["targets"]),
-            "censored_targets": int(s["censored_targets"])}
+    return {
+        "success_rate": s.get("success_rate", float("nan")),
+        "success_rate_ci95_low": low,
+        "success_rate_ci95_high": high,
+        "hold_error": s.get("hold_error", float("nan")),
+        "reached_rate": s.get("reached_rate", float("nan")),
+        "time_to_reach": s.get("time_to_reach", float("nan")),
+        "mean_distance": s["mean_distance"],
+        "targets": int(s["targets"]),
+        "censored_targets": int(s["censored_targets"]),
+    }
 
 
 @torch.no_grad()
@@ -784,8 +862,14 @@ def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
                 target = env.target[0].cpu().numpy().tolist()  # the target this step aims at (it may be replaced)
                 obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
                 frames.append(renderer.render(0))
-                log.append({"t": len(log) * env.dt, "target": target, "ee": env.ee_pos[0].cpu().numpy().tolist(),
-                            "distance": float(env.distance[0])})
+                log.append(
+                    {
+                        "t": len(log) * env.dt,
+                        "target": target,
+                        "ee": env.ee_pos[0].cpu().numpy().tolist(),
+                        "distance": float(env.distance[0]),
+                    }
+                )
     ec.save_video(frames, path, fps=1.0 / env.dt)
     ec.write_json(path.with_suffix(".json"), log)
 
@@ -802,8 +886,11 @@ def main(args: Args) -> None:
     check_args(args)
     device = ec.resolve_device(args.device)
     if device.type == "cpu" and not (args.eval or args.export) and None in (args.num_envs, args.num_iterations):
-        print(f"note: no GPU in use, so running small on the CPU (--num-envs {args.num_envs or 256}, --num-iterations "
-              f"{args.num_iterations or 60}): this learns to reach roughly; a GPU learns it precisely", flush=True)
+        print(
+            f"note: no GPU in use, so running small on the CPU (--num-envs {args.num_envs or 256}, --num-iterations "
+            f"{args.num_iterations or 60}): this learns to reach roughly; a GPU learns it precisely",
+            flush=True,
+        )
     args.num_envs = args.num_envs or (4096 if device.type == "cuda" else 256)
     args.num_iterations = args.num_iterations or (300 if device.type == "cuda" else 60)
     check_args(args)
@@ -823,8 +910,13 @@ def main(args: Args) -> None:
     agent = ActorCritic(env.num_obs, env.num_actions, args.init_noise_std, bf16=args.bf16).to(device)
     normalizer = ObservationNormalizer(env.num_obs, clip=args.obs_clip).to(device)
     # The learning rate is a device tensor, so that the KL-adaptive schedule changes it without a host sync.
-    optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
-                                 fused=device.type == "cuda", capturable=args.cudagraphs)
+    optimizer = torch.optim.Adam(
+        agent.parameters(),
+        lr=torch.tensor(args.learning_rate, device=device),
+        eps=1e-5,
+        fused=device.type == "cuda",
+        capturable=args.cudagraphs,
+    )
     start_iteration, global_step = 1, 0
     if ckpt is not None:
         agent.load_state_dict(ckpt["model"])
@@ -832,8 +924,10 @@ def main(args: Args) -> None:
         ec.load_optimizer_state(optimizer, ckpt["optimizer"])
         start_iteration, global_step = ckpt["iteration"] + 1, ckpt["global_step"]
         if start_iteration > args.num_iterations and not (args.eval or args.export):
-            raise UserError(f"{args.checkpoint} is at iteration {ckpt['iteration']} already: pass a larger "
-                            f"--num-iterations to train on")
+            raise UserError(
+                f"{args.checkpoint} is at iteration {ckpt['iteration']} already: pass a larger "
+                f"--num-iterations to train on"
+            )
 
     if args.export:
         out_dir = ec.run_dir_of(args.checkpoint) / "export"
@@ -841,8 +935,10 @@ def main(args: Args) -> None:
             print(f"wrote {path}")
         return
     if args.eval:
-        print(f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
-              flush=True)
+        print(
+            f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
+            flush=True,
+        )
         metrics = evaluate(agent, normalizer, device, args, args.num_envs)
         ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
         out = ec.run_dir_of(args.checkpoint) / "eval.json"
@@ -862,8 +958,11 @@ def main(args: Args) -> None:
         ec.set_rng_state(ckpt["rng"])
     else:
         if ckpt is not None:
-            print(f"note: {args.checkpoint} was saved with {ckpt['args']['num_envs']} environments: the "
-                  "environments start afresh", flush=True)
+            print(
+                f"note: {args.checkpoint} was saved with {ckpt['args']['num_envs']} environments: the "
+                "environments start afresh",
+                flush=True,
+            )
         storage.next_obs.copy_(env.reset())
         env.desynchronize()
     batch_size = T * N
@@ -880,21 +979,33 @@ def main(args: Args) -> None:
     run_rollout_step = graphed(lambda: step_fn(env, agent, normalizer, storage), device)
     run_finish_rollout = graphed(lambda: finish_rollout(agent, normalizer, storage, args), device)
     run_minibatch_update = graphed(
-        lambda: ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device)
+        lambda: ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device
+    )
 
     # ---- The run folder and its loggers (a resumed run keeps writing into its own folder) ----
     resuming = ckpt is not None and Path(args.checkpoint).resolve().parent.name == "checkpoints"
     run_dir = ec.run_dir_of(args.checkpoint) if resuming else ec.new_run_dir(args.exp_name, args.seed)
-    logger = ec.Logger(run_dir, dataclasses.asdict(args), args.track, args.wandb_project_name, args.wandb_entity,
-                       resume_step=global_step if ckpt is not None else None,
-                       wandb_id=ckpt.get("wandb_id") if resuming else None)
+    logger = ec.Logger(
+        run_dir,
+        dataclasses.asdict(args),
+        args.track,
+        args.wandb_project_name,
+        args.wandb_entity,
+        resume_step=global_step if ckpt is not None else None,
+        wandb_id=ckpt.get("wandb_id") if resuming else None,
+    )
     ec.write_config(run_dir, SCRIPT, args, device)
     stop = ec.StopRequest()
-    print(f"{run_dir.name}: {N} environments on {ec.device_name(device)}, iterations {start_iteration} to "
-          f"{args.num_iterations} of {T} steps; start-up took {time.time() - PROCESS_START:.1f} s", flush=True)
+    print(
+        f"{run_dir.name}: {N} environments on {ec.device_name(device)}, iterations {start_iteration} to "
+        f"{args.num_iterations} of {T} steps; start-up took {time.time() - PROCESS_START:.1f} s",
+        flush=True,
+    )
     if args.compile:
-        print("torch.compile: the first iteration compiles the rollout step and the loss (--no-compile skips this)",
-              flush=True)
+        print(
+            "torch.compile: the first iteration compiles the rollout step and the loss (--no-compile skips this)",
+            flush=True,
+        )
 
     last_checkpoint, last_eval, eval_time, iteration_times, nan = None, {}, 0.0, [], float("nan")
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -918,18 +1029,44 @@ def main(args: Args) -> None:
                 run_minibatch_update()  # ppo_loss(), KL-adaptive learning rate, backward, clip, Adam
         nonfinite = ec.nonfinite_tensors({"agent": agent, "normalizer": normalizer})
         explained_var = 1 - (storage.returns - storage.values).var() / storage.returns.var().clamp(min=1e-8)
-        values = torch.cat([update_stats / (args.update_epochs * args.num_minibatches), explained_var[None],
-                            agent.actor_logstd.exp().mean()[None], optimizer.param_groups[0]["lr"].view(1),
-                            nonfinite.float()[None]]).tolist()  # the iteration's one wait for the device
-        losses = dict(zip(["value_loss", "policy_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac",
-                           "explained_variance", "action_std", "learning_rate", "nonfinite"], values))
+        values = torch.cat(
+            [
+                update_stats / (args.update_epochs * args.num_minibatches),
+                explained_var[None],
+                agent.actor_logstd.exp().mean()[None],
+                optimizer.param_groups[0]["lr"].view(1),
+                nonfinite.float()[None],
+            ]
+        ).tolist()  # the iteration's one wait for the device
+        losses = dict(
+            zip(
+                [
+                    "value_loss",
+                    "policy_loss",
+                    "entropy",
+                    "old_approx_kl",
+                    "approx_kl",
+                    "clipfrac",
+                    "explained_variance",
+                    "action_std",
+                    "learning_rate",
+                    "nonfinite",
+                ],
+                values,
+            )
+        )
         t_update = time.perf_counter() - t_start - t_rollout
         if losses["nonfinite"] or not all(map(math.isfinite, values)):
             bad = ec.nonfinite_names({"agent": agent, "normalizer": normalizer}) or [
-                k for k, v in losses.items() if not math.isfinite(v)]
-            print(f"error: training became non-finite at iteration {iteration} ({', '.join(bad[:4])}); nothing was "
-                  f"saved from it. Last good checkpoint: {last_checkpoint or args.checkpoint or 'none yet'}. Try a "
-                  "lower --learning-rate or --max-grad-norm", file=sys.stderr, flush=True)
+                k for k, v in losses.items() if not math.isfinite(v)
+            ]
+            print(
+                f"error: training became non-finite at iteration {iteration} ({', '.join(bad[:4])}); nothing was "
+                f"saved from it. Last good checkpoint: {last_checkpoint or args.checkpoint or 'none yet'}. Try a "
+                "lower --learning-rate or --max-grad-norm",
+                file=sys.stderr,
+                flush=True,
+            )
             logger.close()
             sys.exit(3)
 
@@ -938,52 +1075,95 @@ def main(args: Args) -> None:
         iteration_times.append(time.perf_counter() - t_start)
         sps = int(batch_size / iteration_times[-1])
         wall = time.time() - PROCESS_START
-        scalars = {"charts/SPS": sps, "charts/learning_rate": losses["learning_rate"],
-                   "charts/action_std": losses["action_std"],
-                   **{f"losses/{k}": losses[k] for k in ("value_loss", "policy_loss", "entropy", "old_approx_kl",
-                                                         "approx_kl", "clipfrac", "explained_variance")},
-                   "perf/rollout_time": t_rollout, "perf/update_time": t_update, "perf/wall_time": wall,
-                   "metrics/mean_distance": stats["mean_distance"],
-                   "charts/nonfinite_resets": stats["nonfinite_resets"], "charts/overflows": stats["overflows"]}
-        scalars.update({f"metrics/{k}": stats[k] for k in ("success_rate", "hold_error", "time_to_reach") if k in stats})
+        scalars = {
+            "charts/SPS": sps,
+            "charts/learning_rate": losses["learning_rate"],
+            "charts/action_std": losses["action_std"],
+            **{
+                f"losses/{k}": losses[k]
+                for k in (
+                    "value_loss",
+                    "policy_loss",
+                    "entropy",
+                    "old_approx_kl",
+                    "approx_kl",
+                    "clipfrac",
+                    "explained_variance",
+                )
+            },
+            "perf/rollout_time": t_rollout,
+            "perf/update_time": t_update,
+            "perf/wall_time": wall,
+            "metrics/mean_distance": stats["mean_distance"],
+            "charts/nonfinite_resets": stats["nonfinite_resets"],
+            "charts/overflows": stats["overflows"],
+        }
+        scalars.update(
+            {f"metrics/{k}": stats[k] for k in ("success_rate", "hold_error", "time_to_reach") if k in stats}
+        )
         if "episodes" in stats:
-            scalars.update({"charts/episodic_return": stats["episodic_return"],
-                            "charts/episodic_length": stats["episodic_length"]})
+            scalars.update(
+                {"charts/episodic_return": stats["episodic_return"], "charts/episodic_length": stats["episodic_length"]}
+            )
             scalars.update({f"rewards/{n}": stats[f"reward_{n}"] for n in env.reward_names})
         logger.scalars(scalars, global_step)
-        left = np.median(iteration_times[-20:]) * (args.num_iterations - iteration)
-        print(f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
-              f"return {stats.get('episodic_return', float('nan')):7.2f} | success {stats.get('success_rate', nan):.3f} | "
-              f"hold err {stats.get('hold_error', nan):.4f} m | reach {stats.get('time_to_reach', nan):.2f} s | "
-              f"{ec.duration(wall)}, {ec.duration(left)} left" + ec.fault_note(stats), flush=True)
+        steady = iteration_times[2:][-20:]  # the first two iterations compile and record graphs
+        left = float(np.median(steady)) * (args.num_iterations - iteration) if steady else float("nan")
+        print(
+            f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
+            f"return {stats.get('episodic_return', nan):7.2f} | success {stats.get('success_rate', nan):.3f} | "
+            f"hold err {stats.get('hold_error', nan):.4f} m | reach {stats.get('time_to_reach', nan):.2f} s | "
+            f"{ec.duration(wall)}, {ec.duration(left)} left" + ec.fault_note(stats),
+            flush=True,
+        )
 
         # ---- Evaluation, checkpoint, video ----
         last = iteration == args.num_iterations
         if stop.signal is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
             t0 = time.time()
             last_eval = evaluate(agent, normalizer, device, args, min(args.eval_envs, N))
-            logger.scalars({**{f"eval/{k}": v for k, v in last_eval.items()}, "eval/wall_time": t0 - PROCESS_START,
-                            "eval/wall_time_without_evals": t0 - PROCESS_START - eval_time}, global_step)
-            print(f"  eval: success {last_eval['success_rate']:.3f} (95% CI {last_eval['success_rate_ci95_low']:.3f}-"
-                  f"{last_eval['success_rate_ci95_high']:.3f}, {last_eval['targets']} targets) | hold err "
-                  f"{last_eval['hold_error']:.4f} m | reach {last_eval['time_to_reach']:.2f} s | at "
-                  f"{ec.duration(t0 - PROCESS_START)} ({ec.duration(t0 - PROCESS_START - eval_time)} without evaluations)",
-                  flush=True)
+            logger.scalars(
+                {
+                    **{f"eval/{k}": v for k, v in last_eval.items()},
+                    "eval/wall_time": t0 - PROCESS_START,
+                    "eval/wall_time_without_evals": t0 - PROCESS_START - eval_time,
+                },
+                global_step,
+            )
+            print(
+                f"  eval: success {last_eval['success_rate']:.3f} (95% CI {last_eval['success_rate_ci95_low']:.3f}-"
+                f"{last_eval['success_rate_ci95_high']:.3f}, {last_eval['targets']} targets) | hold err "
+                f"{last_eval['hold_error']:.4f} m | reach {last_eval['time_to_reach']:.2f} s | at "
+                f"{ec.duration(t0 - PROCESS_START)} "
+                f"({ec.duration(t0 - PROCESS_START - eval_time)} without evaluations)",
+                flush=True,
+            )
             eval_time += time.time() - t0
         if iteration % args.save_interval == 0 or last or stop.signal is not None:
             # Everything needed to go on exactly as if never stopped: the environments and every generator included.
-            payload = {"script": SCRIPT, "iteration": iteration, "global_step": global_step,
-                       "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
-                       "normalizer": normalizer.state_dict(), "args": {**dataclasses.asdict(args), **requested_speed},
-                       "obs_dim": env.num_obs, "act_dim": env.num_actions, "env": env.state_dict(),
-                       "rng": ec.rng_state(), "wandb_id": logger.wandb_id}
+            payload = {
+                "script": SCRIPT,
+                "iteration": iteration,
+                "global_step": global_step,
+                "model": agent.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "normalizer": normalizer.state_dict(),
+                "args": {**dataclasses.asdict(args), **requested_speed},
+                "obs_dim": env.num_obs,
+                "act_dim": env.num_actions,
+                "env": env.state_dict(),
+                "rng": ec.rng_state(),
+                "wandb_id": logger.wandb_id,
+            }
             ec.save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
             ec.save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
             last_checkpoint = run_dir / "checkpoints" / "latest.pt"
         if stop.signal is not None:
             logger.close()
-            print(f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint "
-                  f"{last_checkpoint}", flush=True)
+            print(
+                f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint {last_checkpoint}",
+                flush=True,
+            )
             sys.exit(128 + stop.signal)
         if args.capture_video and (iteration % args.video_interval == 0 or last):
             t0 = time.time()
@@ -993,12 +1173,22 @@ def main(args: Args) -> None:
             eval_time += time.time() - t0
 
     # The run's figures in one file: the last evaluation and rollout, and where the time went.
-    ec.write_json(run_dir / "metrics.json", {
-        "iteration": args.num_iterations, "global_step": global_step, "wall_time_s": time.time() - PROCESS_START,
-        "eval_and_video_time_s": eval_time, "last_eval": last_eval, "last_rollouts": stats})
+    ec.write_json(
+        run_dir / "metrics.json",
+        {
+            "iteration": args.num_iterations,
+            "global_step": global_step,
+            "wall_time_s": time.time() - PROCESS_START,
+            "eval_and_video_time_s": eval_time,
+            "last_eval": last_eval,
+            "last_rollouts": stats,
+        },
+    )
     logger.close()
-    print(f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
-          flush=True)
+    print(
+        f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

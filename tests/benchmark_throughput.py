@@ -33,8 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs_common as ec  # noqa: E402
 
-TASKS = {"locomotion": ("ppo_isaac_locomotion", "Go1Env", "Go1Config"),
-         "reach": ("ppo_isaac_reach", "ReachEnv", "ReachConfig")}
+TASKS = {
+    "locomotion": ("ppo_isaac_locomotion", "Go1Env", "Go1Config"),
+    "reach": ("ppo_isaac_reach", "ReachEnv", "ReachConfig"),
+}
 
 
 def sync(device):
@@ -55,9 +57,17 @@ def timed(fn, repeats: int, device) -> float:
 
 
 def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict:
-    args = script.Args(num_envs=num_envs, num_iterations=opts.iterations, device=str(device), seed=opts.seed,
-                       cudagraphs=opts.cudagraphs, tf32=opts.tf32, bf16=opts.bf16, compile=opts.compile,
-                       **dict(opts.script_args))
+    args = script.Args(
+        num_envs=num_envs,
+        num_iterations=opts.iterations,
+        device=str(device),
+        seed=opts.seed,
+        cudagraphs=opts.cudagraphs,
+        tf32=opts.tf32,
+        bf16=opts.bf16,
+        compile=opts.compile,
+        **dict(opts.script_args),
+    )
     script.check_args(args)
     ec.gpu_speed_flags(args, device)  # as the scripts' main(): compile, cudagraphs, TF32 and bf16 off on the CPU
     ec.seed_everything(args.seed)
@@ -73,8 +83,13 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
     # The script's own pieces, built and wired as its main() does.
     agent = script.ActorCritic(env.num_obs, env.num_actions, args.init_noise_std, bf16=args.bf16).to(device)
     normalizer = script.ObservationNormalizer(env.num_obs, clip=args.obs_clip).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=device), eps=1e-5,
-                                 fused=device.type == "cuda", capturable=args.cudagraphs)
+    optimizer = torch.optim.Adam(
+        agent.parameters(),
+        lr=torch.tensor(args.learning_rate, device=device),
+        eps=1e-5,
+        fused=device.type == "cuda",
+        capturable=args.cudagraphs,
+    )
     storage = script.RolloutStorage.allocate(T, num_envs, env.num_obs, env.num_actions, device)
     storage.next_obs.copy_(env.reset())
     env.desynchronize()
@@ -96,7 +111,8 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
     run_rollout_step = graphed(lambda: step_fn(env, agent, normalizer, storage), device)
     run_finish_rollout = graphed(lambda: script.finish_rollout(agent, normalizer, storage, args), device)
     run_minibatch_update = graphed(
-        lambda: script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device)
+        lambda: script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device
+    )
 
     def rollout():
         storage.step.zero_()
@@ -114,9 +130,15 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
                 run_minibatch_update()
         nonfinite = ec.nonfinite_tensors({"agent": agent, "normalizer": normalizer})
         explained_var = 1 - (storage.returns - storage.values).var() / storage.returns.var().clamp(min=1e-8)
-        torch.cat([update_stats / (args.update_epochs * args.num_minibatches), explained_var[None],
-                   agent.actor_logstd.exp().mean()[None], optimizer.param_groups[0]["lr"].view(1),
-                   nonfinite.float()[None]]).tolist()
+        torch.cat(
+            [
+                update_stats / (args.update_epochs * args.num_minibatches),
+                explained_var[None],
+                agent.actor_logstd.exp().mean()[None],
+                optimizer.param_groups[0]["lr"].view(1),
+                nonfinite.float()[None],
+            ]
+        ).tolist()
 
     # Full PPO iterations, timed per phase as the scripts' loop does. The first two compile (with --compile),
     # record the CUDA graphs and load kernels; the fastest of the others is the least disturbed.
@@ -152,8 +174,14 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
 
     if opts.profile and device.type == "cuda":
         env.sim.set_state(snapshot)
-        profile_phases({"physics (training states, controls held)": lambda: [env.sim.step() for _ in range(T)],
-                        "rollout": rollout, "update": update}, num_envs)
+        profile_phases(
+            {
+                "physics (training states, controls held)": lambda: [env.sim.step() for _ in range(T)],
+                "rollout": rollout,
+                "update": update,
+            },
+            num_envs,
+        )
     stats = env.pop_stats()
     assert all(torch.isfinite(p).all() for p in agent.parameters()), "training produced non-finite weights"
 
@@ -198,16 +226,20 @@ def profile_phases(phases: dict, num_envs: int) -> None:
         for e in kernels:
             groups["warp" if "_cuda_kernel_" in e.name else "torch"].append(e)
         busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
-        print(f"\nprofile, {num_envs} envs, {name}: {len(kernels)} kernels, {busy:.1f} ms of kernel time in "
-              f"{wall * 1e3:.1f} ms (profiled, so slower than timed)")
+        print(
+            f"\nprofile, {num_envs} envs, {name}: {len(kernels)} kernels, {busy:.1f} ms of kernel time in "
+            f"{wall * 1e3:.1f} ms (profiled, so slower than timed)"
+        )
         for group, events in groups.items():
             total = sum(e.time_range.elapsed_us() for e in events) / 1e3
             by_name = {}
             for e in events:
                 n, t_us = by_name.get(e.name, (0, 0.0))
                 by_name[e.name] = (n + 1, t_us + e.time_range.elapsed_us())
-            print(f"  {group}: {len(events)} kernels, {total:.2f} ms, "
-                  f"{1e3 * total / max(len(events), 1):.1f} us each on average")
+            print(
+                f"  {group}: {len(events)} kernels, {total:.2f} ms, "
+                f"{1e3 * total / max(len(events), 1):.1f} us each on average"
+            )
             for k, (n, t_us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]:
                 print(f"    {t_us / 1e3:7.2f} ms {n:6d}x  {k[:100]}")
 
@@ -219,21 +251,49 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--iterations", type=int, default=5, help="timed PPO iterations per size")
     parser.add_argument("--physics-steps", type=int, default=100, help="timed physics-only environment steps")
-    parser.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
-                        help="the plain eager path, to see what the CUDA graphs give")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="the scripts' --no-compile: no torch.compile (GPU only, as in the scripts)")
+    parser.add_argument(
+        "--no-cudagraphs",
+        dest="cudagraphs",
+        action="store_false",
+        help="the plain eager path, to see what the CUDA graphs give",
+    )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="the scripts' --no-compile: no torch.compile (GPU only, as in the scripts)",
+    )
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 matrix products")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="the scripts' --no-bf16: the MLPs' hidden layers in float32 (TF32 unless --no-tf32)")
+    parser.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="the scripts' --no-bf16: the MLPs' hidden layers in float32 (TF32 unless --no-tf32)",
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--set", dest="script_args", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
-                        help="another Args field of the script, e.g. --set num_steps 8 (ints and floats only)")
-    parser.add_argument("--solver", type=int, nargs=2, default=None, metavar=("ITERATIONS", "LS_ITERATIONS"),
-                        help="the model's solver iterations and line-search iterations instead of the asset's, to "
-                             "compare settings (e.g. --solver 1 5, MuJoCo Playground's for its Go1)")
-    parser.add_argument("--profile", action="store_true",
-                        help="on a GPU: also list each phase's kernels (MuJoCo Warp's and torch's) with their times")
+    parser.add_argument(
+        "--set",
+        dest="script_args",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("FIELD", "VALUE"),
+        help="another Args field of the script, e.g. --set num_steps 8 (ints and floats only)",
+    )
+    parser.add_argument(
+        "--solver",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("ITERATIONS", "LS_ITERATIONS"),
+        help="the model's solver iterations and line-search iterations instead of the asset's, to "
+        "compare settings (e.g. --solver 1 5, MuJoCo Playground's for its Go1)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="on a GPU: also list each phase's kernels (MuJoCo Warp's and torch's) with their times",
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     opts = parser.parse_args()
     opts.script_args = [(k, float(v) if "." in v else int(v)) for k, v in opts.script_args]
@@ -256,14 +316,19 @@ def main():
         sys.exit(f"error: {e}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     on_gpu = device.type == "cuda"
-    print(f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and on_gpu}, "
-          f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, bf16={opts.bf16 and on_gpu}, "
-          f"solver={opts.solver or 'as in the asset'}, "
-          f"{opts.iterations} timed iterations per size", flush=True)
+    print(
+        f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and on_gpu}, "
+        f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, bf16={opts.bf16 and on_gpu}, "
+        f"solver={opts.solver or 'as in the asset'}, "
+        f"{opts.iterations} timed iterations per size",
+        flush=True,
+    )
 
-    header = (f"{'envs':>7} | {'phys@start':>10} | {'physics':>9} | {'rollout':>9} | {'training':>9} | "
-              f"{'roll/phys':>9} | {'train/phys':>10} | {'rollout ms':>10} | {'update ms':>9} | {'2 first s':>9} | "
-              f"{'GPU GiB':>7}")
+    header = (
+        f"{'envs':>7} | {'phys@start':>10} | {'physics':>9} | {'rollout':>9} | {'training':>9} | "
+        f"{'roll/phys':>9} | {'train/phys':>10} | {'rollout ms':>10} | {'update ms':>9} | {'2 first s':>9} | "
+        f"{'GPU GiB':>7}"
+    )
     rows = []
     t_start = time.time()
     for n in opts.num_envs:
@@ -275,17 +340,22 @@ def main():
         row["seconds_to_measure"] = time.time() - t_start  # includes compiling, where it compiles
         rows.append(row)
         if len(rows) == 1:
-            print("environment steps per second. phys@start: the simulator alone, every robot standing at its home "
-                  "pose; physics: the simulator alone in the states training visits (the reference of the ratios); "
-                  "rollout: + policy, observations, rewards, resets, storage, values and GAE; training: + PPO update. "
-                  "2 first s: the first two iterations (compiling, recording the graphs)")
+            print(
+                "environment steps per second. phys@start: the simulator alone, every robot standing at its home "
+                "pose; physics: the simulator alone in the states training visits (the reference of the ratios); "
+                "rollout: + policy, observations, rewards, resets, storage, values and GAE; training: + PPO update. "
+                "2 first s: the first two iterations (compiling, recording the graphs)"
+            )
             print(header)
         gib = row.get("device_used_gib", float("nan"))
-        print(f"{n:>7} | {row['physics_start_env_steps_per_s']:>10,.0f} | {row['physics_env_steps_per_s']:>9,.0f} | "
-              f"{row['rollout_env_steps_per_s']:>9,.0f} | {row['training_env_steps_per_s']:>9,.0f} | "
-              f"{row['rollout_over_physics']:>9.2f} | {row['training_over_physics']:>10.2f} | "
-              f"{row['rollout_ms_per_iteration']:>10.1f} | {row['update_ms_per_iteration']:>9.1f} | "
-              f"{row['first_two_iterations_s']:>9.1f} | {gib:>7.1f}", flush=True)
+        print(
+            f"{n:>7} | {row['physics_start_env_steps_per_s']:>10,.0f} | {row['physics_env_steps_per_s']:>9,.0f} | "
+            f"{row['rollout_env_steps_per_s']:>9,.0f} | {row['training_env_steps_per_s']:>9,.0f} | "
+            f"{row['rollout_over_physics']:>9.2f} | {row['training_over_physics']:>10.2f} | "
+            f"{row['rollout_ms_per_iteration']:>10.1f} | {row['update_ms_per_iteration']:>9.1f} | "
+            f"{row['first_two_iterations_s']:>9.1f} | {gib:>7.1f}",
+            flush=True,
+        )
         sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -293,13 +363,24 @@ def main():
     import mujoco_warp
     import warp
 
-    report = {"task": opts.task, "device": name, "cudagraphs": opts.cudagraphs and on_gpu, "tf32": opts.tf32,
-              "bf16": opts.bf16 and on_gpu,
-              "compile": opts.compile and on_gpu, "solver": opts.solver,
-              "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-              "versions": {"torch": torch.__version__, "warp": warp.__version__,
-                           "mujoco_warp": getattr(mujoco_warp, "__version__", "?")},
-              "script_args": dict(opts.script_args), "rows": rows}
+    report = {
+        "task": opts.task,
+        "device": name,
+        "cudagraphs": opts.cudagraphs and on_gpu,
+        "tf32": opts.tf32,
+        "bf16": opts.bf16 and on_gpu,
+        "compile": opts.compile and on_gpu,
+        "solver": opts.solver,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "versions": {
+            "torch": torch.__version__,
+            "warp": warp.__version__,
+            "mujoco_warp": getattr(mujoco_warp, "__version__", "?"),
+        },
+        "script_args": dict(opts.script_args),
+        "rows": rows,
+    }
     if opts.out:
         Path(opts.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {opts.out}")

@@ -29,8 +29,14 @@ import envs_common as ec  # noqa: E402
 PHASES = ("settling", "moving targets")
 
 
-def per_step_errors(solver: tuple[int, int] | None, num_worlds: int = 16, settle_steps: int = 100,
-                    moving_steps: int = 400, seed: int = 0, device: str = "cpu") -> dict[str, np.ndarray]:
+def per_step_errors(
+    solver: tuple[int, int] | None,
+    num_worlds: int = 16,
+    settle_steps: int = 100,
+    moving_steps: int = 400,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
     """Max |qvel - converged qvel| over each world's dofs, for every physics step of each phase."""
     mjm = ec.load_model("go1.xml")
     if solver is not None:
@@ -60,8 +66,14 @@ def per_step_errors(solver: tuple[int, int] | None, num_worlds: int = 16, settle
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--solver", type=int, nargs=2, default=None, metavar=("ITERATIONS", "LS_ITERATIONS"),
-                        help="MuJoCo's opt.iterations and opt.ls_iterations (default: go1.xml's)")
+    parser.add_argument(
+        "--solver",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("ITERATIONS", "LS_ITERATIONS"),
+        help="MuJoCo's opt.iterations and opt.ls_iterations (default: go1.xml's)",
+    )
     parser.add_argument("--num-worlds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=400, help="physics steps with moving targets")
     opts = parser.parse_args()
@@ -69,8 +81,10 @@ def main():
     setting = opts.solver or "as in go1.xml"
     print(f"solver {setting}: per physics step, max over dofs of |qvel - converged qvel| (rad/s, m/s)")
     for phase, e in errors.items():
-        print(f"  {phase:>14}: median {np.median(e):.1e}, 90th percentile {np.percentile(e, 90):.1e}, "
-              f"99th {np.percentile(e, 99):.1e}, max {e.max():.1e} ({e.size} world-steps)")
+        print(
+            f"  {phase:>14}: median {np.median(e):.1e}, 90th percentile {np.percentile(e, 90):.1e}, "
+            f"99th {np.percentile(e, 99):.1e}, max {e.max():.1e} ({e.size} world-steps)"
+        )
 
 
 if __name__ == "__main__":

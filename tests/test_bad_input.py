@@ -27,12 +27,20 @@ CASES = [
     ("zero-envs", ["--device", "cpu", "--num-envs", "0"], {}, ["--num-envs", "at least 1"]),
     ("negative-envs", ["--device", "cpu", "--num-envs", "-1"], {}, ["--num-envs", "at least 1"]),
     ("zero-steps", [*CPU, "--num-steps", "0"], {}, ["--num-steps", "at least 1"]),
-    ("one-sample-minibatch", ["--device", "cpu", "--num-envs", "1", "--num-steps", "1", "--num-minibatches", "1"],
-     {}, ["minibatches of 1 sample", "--num-minibatches"]),
+    (
+        "one-sample-minibatch",
+        ["--device", "cpu", "--num-envs", "1", "--num-steps", "1", "--num-minibatches", "1"],
+        {},
+        ["minibatches of 1 sample", "--num-minibatches"],
+    ),
     ("zero-noise-std", [*CPU, "--init-noise-std", "0"], {}, ["--init-noise-std", "positive standard deviation"]),
     ("eval-and-export", [*CPU, "--eval", "--export", "--checkpoint", "{ckpts}/good.pt"], {}, ["--eval and --export"]),
-    ("batch-does-not-split", ["--device", "cpu", "--num-envs", "3", "--num-steps", "3", "--num-minibatches", "2"], {},
-     ["minibatches", "--num-minibatches"]),
+    (
+        "batch-does-not-split",
+        ["--device", "cpu", "--num-envs", "3", "--num-steps", "3", "--num-minibatches", "2"],
+        {},
+        ["minibatches", "--num-minibatches"],
+    ),
     ("cuda-without-gpu", ["--device", "cuda", "--num-envs", "4"], {}, ["no CUDA GPU", "--device cpu"]),
     ("missing-checkpoint", [*CPU, "--checkpoint", "{ckpts}/nope.pt"], {}, ["not found", "checkpoints"]),
     ("truncated-checkpoint", [*CPU, "--checkpoint", "{ckpts}/truncated.pt"], {}, ["cannot read", "truncated"]),
@@ -42,38 +50,102 @@ CASES = [
     ("other-sizes-checkpoint", [*CPU, "--checkpoint", "{ckpts}/sizes.pt"], {}, ["observations", "this task has"]),
     ("eval-without-checkpoint", [*CPU, "--eval"], {}, ["--eval needs a policy", "--checkpoint"]),
     ("export-without-checkpoint", [*CPU, "--export"], {}, ["--export needs a policy", "--checkpoint"]),
-    ("video-without-renderer", [*CPU, "--capture-video"], {"MUJOCO_GL": "disable"},
-     ["rendering", "MUJOCO_GL=egl", "MUJOCO_GL=osmesa", "libosmesa6"]),
-    ("track-without-login", [*CPU, "--track"], {"HOME": "{home}", "WANDB_MODE": None, "WANDB_API_KEY": None},
-     ["wandb login", "WANDB_MODE=offline"]),
+    (
+        "video-without-renderer",
+        [*CPU, "--capture-video"],
+        {"MUJOCO_GL": "disable"},
+        ["rendering", "MUJOCO_GL=egl", "MUJOCO_GL=osmesa", "libosmesa6"],
+    ),
+    (
+        "track-without-login",
+        [*CPU, "--track"],
+        {"HOME": "{home}", "WANDB_MODE": None, "WANDB_API_KEY": None},
+        ["wandb login", "WANDB_MODE=offline"],
+    ),
     ("more-envs-than-memory", ["--device", "cpu", "--num-envs", "1000000000"], {}, ["GiB", "use --num-envs"]),
 ]
 LOCOMOTION_ONLY = [("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"])]
-REACH_ONLY = [("unknown-control-type", [*CPU, "--control-type", "velocity"], {},
-               ["--control-type", "torque, position or position_delta"]),
-              ("max-delta-above-one", [*CPU, "--max-delta", "2"], {}, ["--max-delta", "at most 1"]),
-              ("window-longer-than-hold", [*CPU, "--target-hold-s", "1", "--success-window-s", "2"], {},
-               ["--success-window-s", "--target-hold-s"])]
+REACH_ONLY = [
+    (
+        "unknown-control-type",
+        [*CPU, "--control-type", "velocity"],
+        {},
+        ["--control-type", "torque, position or position_delta"],
+    ),
+    ("max-delta-above-one", [*CPU, "--max-delta", "2"], {}, ["--max-delta", "at most 1"]),
+    (
+        "window-longer-than-hold",
+        [*CPU, "--target-hold-s", "1", "--success-window-s", "2"],
+        {},
+        ["--success-window-s", "--target-hold-s"],
+    ),
+]
 
 # Every field of Args, each with a value outside its domain (the flag must be named in the message). Fields without
 # a value outside their domain (booleans: tyro accepts only true/false) are listed in NO_BAD_VALUE. A new field that
 # is in neither fails test_every_field_is_walked.
 COMMON_DOMAINS = {
-    "exp_name": "a/b", "seed": "-1", "device": "tpu", "wandb_project_name": "my project", "wandb_entity": "a b",
-    "video_interval": "0", "video_length": "0", "save_interval": "0", "checkpoint": "{ckpts}/nope.pt",
-    "num_envs": "0", "num_iterations": "0", "num_steps": "0", "learning_rate": "0", "desired_kl": "-0.01",
-    "gamma": "1.5", "gae_lambda": "nan", "num_minibatches": "0", "update_epochs": "0", "clip_coef": "0",
-    "ent_coef": "-1", "vf_coef": "0", "max_grad_norm": "inf", "init_noise_std": "0", "obs_clip": "-1",
-    "eval_interval": "-1", "eval_envs": "0", "eval_episodes": "0", "episode_length_s": "0.001",
+    "exp_name": "a/b",
+    "seed": "-1",
+    "device": "tpu",
+    "wandb_project_name": "my project",
+    "wandb_entity": "a b",
+    "video_interval": "0",
+    "video_length": "0",
+    "save_interval": "0",
+    "checkpoint": "{ckpts}/nope.pt",
+    "num_envs": "0",
+    "num_iterations": "0",
+    "num_steps": "0",
+    "learning_rate": "0",
+    "desired_kl": "-0.01",
+    "gamma": "1.5",
+    "gae_lambda": "nan",
+    "num_minibatches": "0",
+    "update_epochs": "0",
+    "clip_coef": "0",
+    "ent_coef": "-1",
+    "vf_coef": "0",
+    "max_grad_norm": "inf",
+    "init_noise_std": "0",
+    "obs_clip": "-1",
+    "eval_interval": "-1",
+    "eval_envs": "0",
+    "eval_episodes": "0",
+    "episode_length_s": "0.001",
 }
 TASK_DOMAINS = {
-    "locomotion": {"lin_vel_x_range": ["1", "-1"], "lin_vel_y_range": ["nan", "1"], "ang_vel_yaw_range": ["2", "1"],
-                   "command_resample_s": "0", "action_scale": "0", "solver": ["4", "0"]},
-    "reach": {"control_type": "velocity", "max_delta": "0", "target_hold_s": "0", "success_window_s": "-1",
-              "success_threshold": "0", "reset_noise": "-0.1"},
+    "locomotion": {
+        "lin_vel_x_range": ["1", "-1"],
+        "lin_vel_y_range": ["nan", "1"],
+        "ang_vel_yaw_range": ["2", "1"],
+        "command_resample_s": "0",
+        "action_scale": "0",
+        "solver": ["4", "0"],
+    },
+    "reach": {
+        "control_type": "velocity",
+        "max_delta": "0",
+        "target_hold_s": "0",
+        "success_window_s": "-1",
+        "success_threshold": "0",
+        "reset_noise": "-0.1",
+    },
 }
-NO_BAD_VALUE = {"torch_deterministic", "track", "capture_video", "eval", "export", "tf32", "compile", "bf16",
-                "cudagraphs", "norm_adv", "clip_vloss", "only_positive_rewards"}
+NO_BAD_VALUE = {
+    "torch_deterministic",
+    "track",
+    "capture_video",
+    "eval",
+    "export",
+    "tf32",
+    "compile",
+    "bf16",
+    "cudagraphs",
+    "norm_adv",
+    "clip_vloss",
+    "only_positive_rewards",
+}
 FLAG_NAMES = {"device": "device", "checkpoint": "checkpoint"}  # messages that name the problem without the flag
 FIELD_CASES = []
 for _script in SCRIPTS:
@@ -84,8 +156,12 @@ for _script in SCRIPTS:
         if _field in ("device", "num_envs", "num_iterations"):
             _base = ["--num-envs", "4"] if _field != "num_envs" else ["--device", "cpu"]
         FIELD_CASES.append((_script, f"field-{_field}", [*_base, _flag, *_values], {}, [FLAG_NAMES.get(_field, _flag)]))
-ALL = ([(s, *c) for s in SCRIPTS for c in CASES] + [("locomotion", *c) for c in LOCOMOTION_ONLY]
-       + [("reach", *c) for c in REACH_ONLY] + FIELD_CASES)
+ALL = (
+    [(s, *c) for s in SCRIPTS for c in CASES]
+    + [("locomotion", *c) for c in LOCOMOTION_ONLY]
+    + [("reach", *c) for c in REACH_ONLY]
+    + FIELD_CASES
+)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -101,8 +177,15 @@ def write_checkpoints(folder: Path, name: str) -> None:
     """A real checkpoint's layout, then damaged or mismatched copies of it."""
     script, (obs, act) = SCRIPTS[name], DIMS[name]
     agent = script.ActorCritic(obs, act)
-    payload = {"script": script.SCRIPT, "iteration": 1, "global_step": 1, "model": agent.state_dict(),
-               "obs_dim": obs, "act_dim": act, "args": {"num_envs": 4}}
+    payload = {
+        "script": script.SCRIPT,
+        "iteration": 1,
+        "global_step": 1,
+        "model": agent.state_dict(),
+        "obs_dim": obs,
+        "act_dim": act,
+        "args": {"num_envs": 4},
+    }
     torch.save(payload, folder / "good.pt")
     data = (folder / "good.pt").read_bytes()
     (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -171,9 +254,21 @@ def results(tmp_path_factory):
 
     def one(job):
         name, cases = job
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: v for c in cases for k, v in c[3].items() if k == "MUJOCO_GL"}}
-        out = subprocess.run([sys.executable, "-c", DRIVER, str(ROOT / f"ppo_isaac_{name}.py")], input=json.dumps(cases),
-                             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False)
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            **{k: v for c in cases for k, v in c[3].items() if k == "MUJOCO_GL"},
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", DRIVER, str(ROOT / f"ppo_isaac_{name}.py")],
+            input=json.dumps(cases),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=ROOT,
+            check=False,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         return {(name, label): r for label, r in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 

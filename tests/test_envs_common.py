@@ -86,6 +86,7 @@ def test_quadruped_solver_setting_converges_in_training_like_states():
     lands within 1e-3 rad/s of a converged solve in at least 90% of world-steps; with 1 iteration (what
     `--solver 1 5` trades for speed) it does not, which shows that the measure tells the two apart."""
     from solver_fidelity import per_step_errors
+
     sizes = dict(num_worlds=8, settle_steps=60, moving_steps=200, device=DEVICE)
     asset = per_step_errors(None, **sizes)["moving targets"]
     print(f"go1.xml: median {np.median(asset):.1e}, 90th percentile {np.percentile(asset, 90):.1e} rad/s")
@@ -128,7 +129,9 @@ def test_reset_touches_only_the_chosen_worlds(model, by):
         np.testing.assert_allclose(sim.xpos[i].cpu().numpy(), data.xpos, atol=1e-5)
         np.testing.assert_allclose(sim.xquat[i].cpu().numpy(), data.xquat, atol=1e-5)
     # Stepping after a reset behaves like a fresh world: same state in, same state out.
-    sim.reset(torch.ones(n, dtype=torch.bool, device=DEVICE), target_q.expand(n, -1), ctrl=sim.default_ctrl.expand(n, -1))
+    sim.reset(
+        torch.ones(n, dtype=torch.bool, device=DEVICE), target_q.expand(n, -1), ctrl=sim.default_ctrl.expand(n, -1)
+    )
     sim.step()
     assert torch.allclose(sim.qpos, sim.qpos[:1].expand(n, -1), atol=1e-6)
 
@@ -189,8 +192,11 @@ def test_contact_forces_match_mujoco_c():
     assert largest > 0.3 * weight, "no world touched the ground: the test compared zeros"
 
 
-@pytest.mark.skipif(ON_GPU, reason="on a GPU, MuJoCo Warp's float atomics (contact slots, constraint sums) make two "
-                    "identical simulations differ in the last bits; the CPU runs the same kernels deterministically")
+@pytest.mark.skipif(
+    ON_GPU,
+    reason="on a GPU, MuJoCo Warp's float atomics (contact slots, constraint sums) make two "
+    "identical simulations differ in the last bits; the CPU runs the same kernels deterministically",
+)
 def test_skipping_pose_refresh_leaves_the_physics_bit_for_bit():
     """poses=False (the locomotion task's setting) drops the kinematics passes after step() and reset(): the state,
     actuator forces and contact forces stay bit-for-bit those of poses=True, while body poses are left as MuJoCo's
@@ -305,9 +311,11 @@ def test_renderer_draws_the_robot(model, rendering_problem):
 @pytest.mark.skipif(ON_GPU, reason="the renderer is tested on the CPU (OSMesa) in CI")
 def test_no_rendering_backend_is_a_clear_error():
     # A machine with no usable EGL driver: point libglvnd at no vendor at all, so EGL fails for real.
-    code = ("import envs_common as ec\n"
-            "sim = ec.BatchedSim(ec.load_model('panda.xml'), 1, 'cpu')\n"
-            "try:\n    ec.Renderer(sim)\nexcept ec.UserError as e:\n    print('USERERROR', e)\n")
+    code = (
+        "import envs_common as ec\n"
+        "sim = ec.BatchedSim(ec.load_model('panda.xml'), 1, 'cpu')\n"
+        "try:\n    ec.Renderer(sim)\nexcept ec.UserError as e:\n    print('USERERROR', e)\n"
+    )
     env = {**os.environ, "MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert "USERERROR" in out.stdout, out.stdout + out.stderr
@@ -318,6 +326,7 @@ def test_seed_everything_repeats_all_generators():
     def draw():
         ec.seed_everything(123)
         return __import__("random").random(), np.random.rand(), torch.rand(1).item()
+
     assert draw() == draw()
 
 

@@ -17,23 +17,53 @@ import ppo_isaac_locomotion
 import ppo_isaac_reach
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--device", "cpu", "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
-        "--eval-interval", "0", "--episode-length-s", "1.0"]
-SCRIPTS = {"locomotion": (ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env),
-           "reach": (ppo_isaac_reach, ppo_isaac_reach.ReachEnv)}
+TINY = [
+    "--device",
+    "cpu",
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "8",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "1",
+    "--eval-interval",
+    "0",
+    "--episode-length-s",
+    "1.0",
+]
+SCRIPTS = {
+    "locomotion": (ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env),
+    "reach": (ppo_isaac_reach, ppo_isaac_reach.ReachEnv),
+}
 CONFIGS = {"locomotion": ppo_isaac_locomotion.Go1Config, "reach": ppo_isaac_reach.ReachConfig}
 
 
 def run(script, args, cwd, **kw):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600, check=False, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        **kw,
+    )
 
 
 def start(script, args, cwd):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,12 +124,23 @@ def test_training_goes_on_through_injected_nans(tmp_path, monkeypatch):
     monkeypatch.setattr(env_cls, "step", step_with_faults)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        script.main(script.Args(device="cpu", num_envs=8, num_steps=8, num_iterations=3, num_minibatches=2,
-                                update_epochs=2, eval_interval=0, episode_length_s=0.3))
+        script.main(
+            script.Args(
+                device="cpu",
+                num_envs=8,
+                num_steps=8,
+                num_iterations=3,
+                num_minibatches=2,
+                update_epochs=2,
+                eval_interval=0,
+                episode_length_s=0.3,
+            )
+        )
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     (run_dir,) = (tmp_path / "runs").iterdir()
     acc = EventAccumulator(str(run_dir)).Reload()
     scalars = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -197,8 +238,18 @@ def test_training_that_turns_non_finite_stops_and_keeps_the_last_good_checkpoint
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(SystemExit) as exit_info:
-            script.main(script.Args(device="cpu", num_envs=8, num_steps=8, num_iterations=3, num_minibatches=2,
-                                    update_epochs=2, eval_interval=0, save_interval=1))
+            script.main(
+                script.Args(
+                    device="cpu",
+                    num_envs=8,
+                    num_steps=8,
+                    num_iterations=3,
+                    num_minibatches=2,
+                    update_epochs=2,
+                    eval_interval=0,
+                    save_interval=1,
+                )
+            )
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

@@ -39,8 +39,9 @@ def test_gae_matches_a_plain_numpy_loop(script):
             ref[t, n] = acc
     # The script's way: bootstrap time-outs in the reward, then GAE cut at every done.
     r = torch.tensor(rewards) + gamma * torch.tensor(final_values) * torch.tensor(truncated)
-    adv, ret = script.compute_gae(r, torch.tensor(values), torch.tensor(terminated | truncated),
-                                  torch.tensor(next_value), gamma, lam)
+    adv, ret = script.compute_gae(
+        r, torch.tensor(values), torch.tensor(terminated | truncated), torch.tensor(next_value), gamma, lam
+    )
     np.testing.assert_allclose(adv.numpy(), ref, atol=1e-12)
     np.testing.assert_allclose(ret.numpy(), ref + values, atol=1e-12)
 
@@ -57,8 +58,9 @@ def test_normalizer_matches_numpy_over_concatenated_batches(script):
     np.testing.assert_allclose(norm.var.numpy(), all_obs.var(0), rtol=1e-4)
     assert norm.count.item() == len(all_obs)
     x = torch.tensor(all_obs[:3], dtype=torch.float32)
-    np.testing.assert_allclose(norm(x).numpy(), (all_obs[:3] - all_obs.mean(0)) / np.sqrt(all_obs.var(0)),
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        norm(x).numpy(), (all_obs[:3] - all_obs.mean(0)) / np.sqrt(all_obs.var(0)), rtol=1e-3, atol=1e-4
+    )
     assert script.ObservationNormalizer(7, clip=5.0).forward(torch.full((1, 7), 100.0)).max() == 5.0
 
 

@@ -22,10 +22,37 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "ppo_isaac_reach.py"
 # Episodes of 10 steps holding each target for 5 (success window: the last 2): the plumbing tests' evaluations see
 # whole targets (2 per episode), none censored.
-TINY = ["--device", "cpu", "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
-        "--eval-interval", "0", "--episode-length-s", "0.2", "--target-hold-s", "0.1", "--success-window-s", "0.04"]
-EVAL_KEYS = ("success_rate", "success_rate_ci95_low", "success_rate_ci95_high", "hold_error", "reached_rate",
-             "time_to_reach", "mean_distance", "targets", "censored_targets")
+TINY = [
+    "--device",
+    "cpu",
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "8",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "1",
+    "--eval-interval",
+    "0",
+    "--episode-length-s",
+    "0.2",
+    "--target-hold-s",
+    "0.1",
+    "--success-window-s",
+    "0.04",
+]
+EVAL_KEYS = (
+    "success_rate",
+    "success_rate_ci95_low",
+    "success_rate_ci95_high",
+    "hold_error",
+    "reached_rate",
+    "time_to_reach",
+    "mean_distance",
+    "targets",
+    "censored_targets",
+)
 
 
 def load_script():
@@ -42,8 +69,9 @@ CPU = torch.device("cpu")
 
 def run(args, cwd, env=None, timeout=600):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def check_eval(ev, targets):
@@ -87,8 +115,12 @@ def test_end_to_end_writes_logs_and_checkpoints(trained_run):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["ckpt_000001.pt", "ckpt_000002.pt", "latest.pt"]
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
-    assert ckpt["script"] == "ppo_isaac_reach" and ckpt["iteration"] == 2 and ckpt["args"]["control_type"] == \
-        "position_delta" and ckpt["args"]["target_hold_s"] == 0.1
+    assert (
+        ckpt["script"] == "ppo_isaac_reach"
+        and ckpt["iteration"] == 2
+        and ckpt["args"]["control_type"] == "position_delta"
+        and ckpt["args"]["target_hold_s"] == 0.1
+    )
     assert (ckpt["obs_dim"], ckpt["act_dim"]) == (30, 7) and set(ckpt["rng"]) >= {"python", "numpy", "torch"}
     assert list((run_dir / "wandb").glob("offline-run-*")), "--track with WANDB_MODE=offline wrote no run"
     assert not (cwd / "wandb").exists(), "W&B wrote outside the run folder"
@@ -97,24 +129,57 @@ def test_end_to_end_writes_logs_and_checkpoints(trained_run):
     assert config["args"]["control_type"] == "position_delta" and config["args"]["num_envs"] == 4
     assert config["args"]["compile"] is False and config["args"]["cudagraphs"] is False, "the CPU runs eager"
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert set(summary) == {"iteration", "global_step", "wall_time_s", "eval_and_video_time_s", "last_eval",
-                            "last_rollouts"}
+    assert set(summary) == {
+        "iteration",
+        "global_step",
+        "wall_time_s",
+        "eval_and_video_time_s",
+        "last_eval",
+        "last_rollouts",
+    }
     assert summary["iteration"] == 2 and summary["global_step"] == 2 * 4 * 8 and summary["last_eval"] == {}
     assert 0.0 < summary["last_rollouts"]["mean_distance"] < 2.0
     assert 0.0 <= summary["eval_and_video_time_s"] < summary["wall_time_s"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     tags = set(EventAccumulator(str(run_dir)).Reload().Tags()["scalars"])
-    for tag in ["charts/SPS", "charts/learning_rate", "charts/action_std", "charts/episodic_return",
-                "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac",
-                "losses/explained_variance", "perf/rollout_time", "perf/update_time", "metrics/mean_distance",
-                "metrics/success_rate", "metrics/hold_error", *[f"rewards/{n}" for n in reach.REWARD_SCALES]]:
+    for tag in [
+        "charts/SPS",
+        "charts/learning_rate",
+        "charts/action_std",
+        "charts/episodic_return",
+        "losses/value_loss",
+        "losses/policy_loss",
+        "losses/entropy",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "losses/explained_variance",
+        "perf/rollout_time",
+        "perf/update_time",
+        "metrics/mean_distance",
+        "metrics/success_rate",
+        "metrics/hold_error",
+        *[f"rewards/{n}" for n in reach.REWARD_SCALES],
+    ]:
         assert tag in tags, tag
 
 
 @pytest.mark.parametrize("control_type", ["torque", "position"])
 def test_end_to_end_other_control_types(tmp_path, control_type):
-    out = run([*TINY, "--num-iterations", "2", "--control-type", control_type, "--eval-interval", "2",
-               "--eval-episodes", "1"], tmp_path)
+    out = run(
+        [
+            *TINY,
+            "--num-iterations",
+            "2",
+            "--control-type",
+            control_type,
+            "--eval-interval",
+            "2",
+            "--eval-episodes",
+            "1",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "iter     2/2" in out.stdout and "eval: success" in out.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -136,8 +201,9 @@ def test_resume_continues_at_the_saved_iteration(trained_run):
     resumed = torch.load(run_dir / "checkpoints" / "ckpt_000003.pt", weights_only=False)
     assert resumed["iteration"] == 3 and resumed["global_step"] == saved["global_step"] + 4 * 8
     changed = {"num_iterations", "checkpoint"}
-    assert {k: v for k, v in resumed["args"].items() if k not in changed} == \
-        {k: v for k, v in saved["args"].items() if k not in changed}, "an argument was not adopted"
+    assert {k: v for k, v in resumed["args"].items() if k not in changed} == {
+        k: v for k, v in saved["args"].items() if k not in changed
+    }, "an argument was not adopted"
     # The normalizer went on from the saved statistics: its count grew by exactly one rollout.
     assert resumed["normalizer"]["count"].item() == saved["normalizer"]["count"].item() + 4 * 8
 
@@ -161,15 +227,28 @@ def test_checkpoint_alone_resumes_exactly(trained_run, tmp_path):
     for k, v in straight["env"]["sim"].items():
         assert torch.equal(resumed["env"]["sim"][k], v), f"simulator state {k} differs"
     moments = [s["exp_avg"] for s in straight["optimizer"]["state"].values()]
-    torch.testing.assert_close([s["exp_avg"] for s in resumed["optimizer"]["state"].values()], moments, rtol=0,
-                               atol=0)
+    torch.testing.assert_close([s["exp_avg"] for s in resumed["optimizer"]["state"].values()], moments, rtol=0, atol=0)
 
 
 def test_eval_prints_the_task_metrics(trained_run):
     cwd, run_dir, _ = trained_run
     # --target-hold-s on the command line is overruled: an evaluation measures the task the policy was trained on.
-    out = run(["--device", "cpu", "--num-envs", "4", "--eval-episodes", "1", "--target-hold-s", "1.0", "--eval",
-               "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")], cwd)
+    out = run(
+        [
+            "--device",
+            "cpu",
+            "--num-envs",
+            "4",
+            "--eval-episodes",
+            "1",
+            "--target-hold-s",
+            "1.0",
+            "--eval",
+            "--checkpoint",
+            str(run_dir / "checkpoints" / "latest.pt"),
+        ],
+        cwd,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "using the checkpoint's --target-hold-s 0.1" in out.stdout
     metrics = json.loads((run_dir / "eval.json").read_text())
@@ -197,6 +276,7 @@ def test_export_matches_the_scripts_own_policy(trained_run):
     scripted = torch.jit.load(str(run_dir / "export" / "policy.pt"))
     torch.testing.assert_close(scripted(obs), expected)
     import onnxruntime as ort
+
     session = ort.InferenceSession(str(run_dir / "export" / "policy.onnx"))
     np.testing.assert_allclose(session.run(None, {"obs": obs.numpy()})[0], expected.numpy(), atol=1e-5)
 
@@ -204,8 +284,22 @@ def test_export_matches_the_scripts_own_policy(trained_run):
 # ---------------------------------------------------------------------------------------------------------------
 # A real learning test
 # ---------------------------------------------------------------------------------------------------------------
-LEARN = ["--device", "cpu", "--num-envs", "128", "--num-iterations", "50", "--eval-interval", "50",
-         "--eval-envs", "128", "--eval-episodes", "2", "--save-interval", "1000"]
+LEARN = [
+    "--device",
+    "cpu",
+    "--num-envs",
+    "128",
+    "--num-iterations",
+    "50",
+    "--eval-interval",
+    "50",
+    "--eval-envs",
+    "128",
+    "--eval-episodes",
+    "2",
+    "--save-interval",
+    "1000",
+]
 LEARN_HANG_GUARD_S = 1500  # not a bound: the work is fixed by LEARN, however long a busy machine takes over it
 # The bars, on the final deterministic evaluation (128 arms x 2 episodes of 5 s: 512 targets of 2.5 s each). An
 # untrained policy outputs ~0, so its arms hold still: success rate 0, hold error 0.345 m, mean distance 0.345 m.
@@ -227,9 +321,11 @@ def test_ppo_learns_to_reach(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "metrics.json").read_text())
     ev = summary["last_eval"]
-    print(f"success {ev['success_rate']:.3f} (95% CI {ev['success_rate_ci95_low']:.3f}-"
-          f"{ev['success_rate_ci95_high']:.3f}), hold error {ev['hold_error']:.4f} m, mean distance "
-          f"{ev['mean_distance']:.4f} m, reached {ev['reached_rate']:.3f}, wall {time.time() - t0:.0f} s")
+    print(
+        f"success {ev['success_rate']:.3f} (95% CI {ev['success_rate_ci95_low']:.3f}-"
+        f"{ev['success_rate_ci95_high']:.3f}), hold error {ev['hold_error']:.4f} m, mean distance "
+        f"{ev['mean_distance']:.4f} m, reached {ev['reached_rate']:.3f}, wall {time.time() - t0:.0f} s"
+    )
     assert summary["iteration"] == 50 and summary["global_step"] == 50 * 128 * 24
     assert ev["targets"] == 512 and ev["censored_targets"] == 0, ev
     assert ev["success_rate"] > SUCCESS_BAR, out.stdout
@@ -258,8 +354,9 @@ MID = (LOWER + UPPER) / 2
 
 
 def handler(control_type, max_delta=1.0):
-    return reach.ActionHandler(control_type, LOWER, UPPER, TORQUE, max_delta, FRANKA_SPEED_LIMIT, KP, KV, DT,
-                               FRANKA_TORQUE_RATE_LIMIT)
+    return reach.ActionHandler(
+        control_type, LOWER, UPPER, TORQUE, max_delta, FRANKA_SPEED_LIMIT, KP, KV, DT, FRANKA_TORQUE_RATE_LIMIT
+    )
 
 
 def test_asset_holds_the_published_speed_and_torque_rate_limits():
@@ -274,10 +371,8 @@ def test_asset_holds_the_published_speed_and_torque_rate_limits():
 
 def test_torque_mapping_scales_to_each_joints_limit_at_the_torque_rate_limit():
     h = handler("torque")
-    actions = torch.tensor([[1.0, -1.0, 0.5, 0.0, 1.0, -0.5, 3.0],
-                            [-7.0, 2.0, -1.0, 1.0, -1.0, 0.25, -1.0]])
-    goal = torch.tensor([[87.0, -87.0, 43.5, 0.0, 12.0, -6.0, 12.0],
-                         [-87.0, 87.0, -87.0, 87.0, -12.0, 3.0, -12.0]])
+    actions = torch.tensor([[1.0, -1.0, 0.5, 0.0, 1.0, -0.5, 3.0], [-7.0, 2.0, -1.0, 1.0, -1.0, 0.25, -1.0]])
+    goal = torch.tensor([[87.0, -87.0, 43.5, 0.0, 12.0, -6.0, 12.0], [-87.0, 87.0, -87.0, 87.0, -12.0, 3.0, -12.0]])
     # From zero torque, each torque moves toward action x limit by at most 1000 N m/s x 0.02 s = 20 N m per step.
     ctrl = h(actions, torch.zeros(2, 7), None)
     torch.testing.assert_close(ctrl, goal.clamp(-20.0, 20.0))
@@ -320,8 +415,9 @@ def test_position_delta_moves_the_previous_target_and_clamps_to_the_range():
     for _ in range(600):
         t = h(torch.ones(1, 7), t, t)
     torch.testing.assert_close(t[0], UPPER)
-    assert torch.equal(h(torch.zeros(3, 7), near[:1].expand(3, 7), near[:1].expand(3, 7)), near[:1].expand(3, 7)), \
+    assert torch.equal(h(torch.zeros(3, 7), near[:1].expand(3, 7), near[:1].expand(3, 7)), near[:1].expand(3, 7)), (
         "zero action holds"
+    )
 
 
 @pytest.mark.parametrize("control_type", ["position", "position_delta"])
@@ -401,8 +497,10 @@ def test_joint_speeds_stay_within_the_published_limits(control_type):
     ratio = peak / FRANKA_SPEED_LIMIT
     groups = ["random", "saturated"] + [f"bang-bang {k}" for k in BANG_BANG_PERIODS]
     for g, name in enumerate(groups):
-        print(f"{control_type} {name:13s} peak |qvel| / limit per joint: "
-              + " ".join(f"{x:.3f}" for x in ratio[g * per:(g + 1) * per].max(0).values.tolist()))
+        print(
+            f"{control_type} {name:13s} peak |qvel| / limit per joint: "
+            + " ".join(f"{x:.3f}" for x in ratio[g * per : (g + 1) * per].max(0).values.tolist())
+        )
     assert torch.isfinite(peak).all()
     assert ratio.max() <= 1.0, f"{control_type}: a joint reached {ratio.max():.3f} x its speed limit"
     assert ratio[per:].max() > 0.5, f"{control_type}: saturated actions hardly moved the arm"
@@ -442,8 +540,12 @@ def test_reward_of_a_step_is_the_scaled_sum_of_its_terms(env):
     d = (env.target - env.ee_pos).norm(dim=-1)
     torch.testing.assert_close(env.distance, d)
     s = reach.REWARD_SCALES
-    expected = (s["distance"] * d + s["distance_fine"] * torch.exp(-d / reach.FINE_SIGMA)
-                + s["action_rate"] * actions.square().sum(dim=1) + s["joint_vel"] * env.dof_vel.square().sum(dim=1))
+    expected = (
+        s["distance"] * d
+        + s["distance_fine"] * torch.exp(-d / reach.FINE_SIGMA)
+        + s["action_rate"] * actions.square().sum(dim=1)
+        + s["joint_vel"] * env.dof_vel.square().sum(dim=1)
+    )
     torch.testing.assert_close(reward, expected)
     assert reward[0] > reward[1] + 0.5, "the fine term pays for being close"
 
@@ -528,7 +630,7 @@ def test_a_target_never_within_the_threshold_is_not_reached(arm):
 def test_hold_error_is_the_mean_distance_over_the_window(arm):
     # 30 cm away before the window, then 2, 4, ..., 50 mm over its 25 steps: mean 26 mm.
     stats, distances = hold(arm, lambda k: away(0.30 if k <= HOLD - WINDOW else 0.002 * (k - (HOLD - WINDOW))))
-    assert stats["hold_error"] == pytest.approx(np.mean(distances[HOLD - WINDOW:]), rel=1e-5)
+    assert stats["hold_error"] == pytest.approx(np.mean(distances[HOLD - WINDOW :]), rel=1e-5)
     assert stats["hold_error"] == pytest.approx(0.026, abs=5e-4)
     assert stats["mean_distance"] == pytest.approx(np.mean(distances), rel=1e-5)  # every step of the hold
     # Within 2 cm at steps 101..109 only: reached at step 101, not a success.
@@ -602,8 +704,6 @@ def test_episodes_have_a_fixed_length_and_end_in_a_time_out():
     # Every target of these 0.2 s episodes was cut by their end (holds of 2.5 s): censored, none counted.
     stats = e.pop_stats()
     assert stats["censored_targets"] == 3 and stats["targets"] == 0 and stats["episodes"] == 3
-
-
 
 
 @pytest.mark.parametrize("reset_noise", [0.2, 3.0])

@@ -14,14 +14,35 @@ import torch
 import envs_common as ec
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--device", "cpu", "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
-        "--eval-interval", "0", "--episode-length-s", "1.0"]
+TINY = [
+    "--device",
+    "cpu",
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "8",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "1",
+    "--eval-interval",
+    "0",
+    "--episode-length-s",
+    "1.0",
+]
 
 
 def run(script, args, cwd, **env):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **env}
-    return subprocess.run([sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / f"ppo_isaac_{script}.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
 
 
 def adam(params, fused, capturable):
@@ -54,8 +75,9 @@ def test_optimizer_keeps_the_flags_of_its_own_device(saved_flags):
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("tracked")
-    out = run("locomotion", [*TINY, "--num-iterations", "2", "--save-interval", "1", "--track", "--action-scale",
-                             "0.5"], cwd)
+    out = run(
+        "locomotion", [*TINY, "--num-iterations", "2", "--save-interval", "1", "--track", "--action-scale", "0.5"], cwd
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     (run_dir,) = (cwd / "runs").iterdir()
     return cwd, run_dir
@@ -65,8 +87,9 @@ def test_a_resumed_tracked_run_continues_its_wandb_run(tracked_run):
     cwd, run_dir = tracked_run
     ckpt = torch.load(run_dir / "checkpoints" / "ckpt_000001.pt", weights_only=False)
     assert ckpt["wandb_id"]
-    out = run("locomotion", ["--checkpoint", str(run_dir / "checkpoints" / "ckpt_000001.pt"), "--num-iterations",
-                             "3"], cwd)
+    out = run(
+        "locomotion", ["--checkpoint", str(run_dir / "checkpoints" / "ckpt_000001.pt"), "--num-iterations", "3"], cwd
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     ids = sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*"))
     assert ids == [ckpt["wandb_id"]] * 2, ids  # the same W&B run, written twice (offline: one folder per process)
@@ -76,8 +99,11 @@ def test_a_resumed_tracked_run_continues_its_wandb_run(tracked_run):
 def test_eval_and_export_take_the_task_arguments_from_the_checkpoint(tracked_run):
     cwd, run_dir = tracked_run
     latest = str(run_dir / "checkpoints" / "latest.pt")
-    out = run("locomotion", ["--device", "cpu", "--num-envs", "2", "--episode-length-s", "0.2", "--eval",
-                             "--checkpoint", latest], cwd)
+    out = run(
+        "locomotion",
+        ["--device", "cpu", "--num-envs", "2", "--episode-length-s", "0.2", "--eval", "--checkpoint", latest],
+        cwd,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "using the checkpoint's --action-scale 0.5" in out.stdout
     assert "using the checkpoint's --episode-length-s 1.0" in out.stdout

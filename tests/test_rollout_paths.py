@@ -9,7 +9,6 @@ must agree. The same for the update: compiled (and graphed on a GPU) against pla
 Also: the throughput benchmark runs on the CPU with tiny sizes and prints its table.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -83,8 +82,16 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
                 for k, v in zip(plain, (obs, action, logprob, value, reward, terminated | truncated)):
                     plain[k].append(v.clone())
             rows = {k: torch.stack(v[-T:]) for k, v in plain.items()}
-            plain_gae.append(script.compute_gae(rows["rewards"], rows["values"], rows["dones"],
-                                                agent.get_value(normalizer(next_obs)), args.gamma, args.gae_lambda))
+            plain_gae.append(
+                script.compute_gae(
+                    rows["rewards"],
+                    rows["values"],
+                    rows["dones"],
+                    agent.get_value(normalizer(next_obs)),
+                    args.gamma,
+                    args.gae_lambda,
+                )
+            )
     plain = {k: torch.stack(v) for k, v in plain.items()}
     assert plain["dones"].any(), "no episode ended: the test would not exercise resets"
 
@@ -115,8 +122,9 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
             if k == "dones":
                 assert torch.equal(got, want), f"iteration {it}: dones differ"
             else:
-                torch.testing.assert_close(got, want, rtol=tol, atol=tol,
-                                           msg=lambda m, it=it, k=k: f"iteration {it}, {k}: {m}")
+                torch.testing.assert_close(
+                    got, want, rtol=tol, atol=tol, msg=lambda m, it=it, k=k: f"iteration {it}, {k}: {m}"
+                )
     torch.testing.assert_close(storage.next_obs, next_obs, rtol=tol, atol=tol)
 
 
@@ -124,10 +132,38 @@ def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
 def test_benchmark_prints_its_table_on_the_cpu(tmp_path, task):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "benchmark_throughput.py"), "--task", task, "--device", "cpu",
-         "--num-envs", "4", "8", "--iterations", "1", "--physics-steps", "3", "--set", "num_steps", "4",
-         "--set", "num_minibatches", "2", "--set", "update_epochs", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+        [
+            sys.executable,
+            str(ROOT / "tests" / "benchmark_throughput.py"),
+            "--task",
+            task,
+            "--device",
+            "cpu",
+            "--num-envs",
+            "4",
+            "8",
+            "--iterations",
+            "1",
+            "--physics-steps",
+            "3",
+            "--set",
+            "num_steps",
+            "4",
+            "--set",
+            "num_minibatches",
+            "2",
+            "--set",
+            "update_epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "train/phys" in proc.stdout
     report = json.loads(out.read_text())
@@ -140,37 +176,46 @@ def test_benchmark_prints_its_table_on_the_cpu(tmp_path, task):
         assert row["rollout_ms_per_iteration"] > 0 and row["update_ms_per_iteration"] > 0
 
 
+def train_three_iterations(script, env_cls, fast: bool):
+    """Three PPO iterations, plain (eager) or as training runs them on this device; returns (weights, lr)."""
+    args, env, agent, normalizer, first_obs = make(script, env_cls, cudagraphs=fast, compile=fast)
+    optimizer = torch.optim.Adam(
+        agent.parameters(),
+        lr=torch.tensor(args.learning_rate, device=DEVICE),
+        eps=1e-5,
+        fused=DEVICE.type == "cuda",
+        capturable=fast and DEVICE.type == "cuda",
+    )
+    storage = script.RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, env.num_actions, DEVICE)
+    storage.next_obs.copy_(first_obs)
+    batch = args.num_steps * env.num_envs
+    mb = torch.zeros(batch // args.num_minibatches, dtype=torch.long, device=DEVICE)
+    update_stats = torch.zeros(6, device=DEVICE)
+    loss_fn = torch.compile(script.ppo_loss, dynamic=False) if fast else script.ppo_loss
+
+    def minibatch_update():
+        script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn)
+
+    update = ec.cuda_graphed(minibatch_update, DEVICE) if fast else minibatch_update
+    torch.manual_seed(5)
+    for _ in range(3):
+        storage.step.zero_()
+        for _ in range(args.num_steps):
+            script.rollout_step(env, agent, normalizer, storage)
+        script.finish_rollout(agent, normalizer, storage, args)
+        for _ in range(args.update_epochs):
+            perm = torch.randperm(batch, device=DEVICE)
+            for start in range(0, batch, len(mb)):
+                mb.copy_(perm[start : start + len(mb)])
+                update()
+    return [p.detach().clone() for p in agent.parameters()], optimizer.param_groups[0]["lr"].item()
+
+
 @pytest.mark.parametrize("script,env_cls", CASES, ids=lambda x: getattr(x, "__name__", ""))
 def test_fast_update_matches_the_plain_one(script, env_cls):
     """Same rollout, same minibatch order: the update as training runs it (its loss torch.compile'd and, on a GPU,
     each minibatch step recorded as a CUDA graph) leaves the same weights and learning rate as plain eager torch."""
-    results = []
-    for fast in (False, True):
-        args, env, agent, normalizer, first_obs = make(script, env_cls, cudagraphs=fast, compile=fast)
-        optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(args.learning_rate, device=DEVICE), eps=1e-5,
-                                     fused=DEVICE.type == "cuda", capturable=fast and DEVICE.type == "cuda")
-        storage = script.RolloutStorage.allocate(args.num_steps, env.num_envs, env.num_obs, env.num_actions, DEVICE)
-        storage.next_obs.copy_(first_obs)
-        batch = args.num_steps * env.num_envs
-        mb = torch.zeros(batch // args.num_minibatches, dtype=torch.long, device=DEVICE)
-        update_stats = torch.zeros(6, device=DEVICE)
-        loss_fn = torch.compile(script.ppo_loss, dynamic=False) if fast else script.ppo_loss
-        def minibatch_update():
-            script.ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn)
-
-        update = ec.cuda_graphed(minibatch_update, DEVICE) if fast else minibatch_update
-        torch.manual_seed(5)
-        for _ in range(3):
-            storage.step.zero_()
-            for _ in range(args.num_steps):
-                script.rollout_step(env, agent, normalizer, storage)
-            script.finish_rollout(agent, normalizer, storage, args)
-            for _ in range(args.update_epochs):
-                perm = torch.randperm(batch, device=DEVICE)
-                for start in range(0, batch, len(mb)):
-                    mb.copy_(perm[start : start + len(mb)])
-                    update()
-        results.append(([p.detach().clone() for p in agent.parameters()], optimizer.param_groups[0]["lr"].item()))
+    results = [train_three_iterations(script, env_cls, fast) for fast in (False, True)]
     (plain, lr_plain), (fast, lr_fast) = results
     assert lr_plain == pytest.approx(lr_fast)
     for a, b in zip(plain, fast):
