@@ -303,17 +303,17 @@ LEARN = [
 LEARN_HANG_GUARD_S = 1500  # not a bound: the work is fixed by LEARN, however long a busy machine takes over it
 # The bars, on the final deterministic evaluation (128 arms x 2 episodes of 5 s: 512 targets of 2.5 s each). An
 # untrained policy outputs ~0, so its arms hold still: success rate 0, hold error 0.345 m, mean distance 0.345 m.
-# Measured with LEARN (seeds 1, 2, 3, CPU, 2026-11-30): success rate 0.68, 0.44, 0.79; hold error 0.032, 0.024,
-# 0.014 m; mean distance 0.049, 0.049, 0.042 m.
-SUCCESS_BAR, HOLD_ERROR_BAR, MEAN_DISTANCE_BAR = 0.2, 0.06, 0.1
+# Measured with LEARN (seeds 1, 2, 3, CPU, 2026-11-30, the arm within its speed limits): success rate 0.15, 0.11,
+# 0.06; hold error 0.086, 0.055, 0.051 m; mean distance 0.092, 0.089, 0.083 m.
+SUCCESS_BAR, HOLD_ERROR_BAR, MEAN_DISTANCE_BAR = 0.02, 0.15, 0.15
 
 
 @pytest.mark.slow
 def test_ppo_learns_to_reach(tmp_path):
     """position_delta control, 128 environments x 50 iterations x 24 steps (154k environment steps) on the CPU: about
     1.5 min alone, 4 to 8 min on a loaded 2-core machine. Bar: the deterministic policy holds the end-effector within
-    2 cm over the last 0.5 s of more than SUCCESS_BAR of its targets, with a hold error and a mean distance to the
-    targets under a fifth and under a third of the still arm's. Broken PPO (e.g. the policy loss's sign flipped), a
+    2 cm over the last 0.5 s of some of its targets (more than SUCCESS_BAR), with a hold error and a mean distance to
+    the targets under half the still arm's. Broken PPO (e.g. the policy loss's sign flipped), a
     broken reward or broken observations fail this."""
     t0 = time.time()
     out = run(LEARN, tmp_path, timeout=LEARN_HANG_GUARD_S)
