@@ -1059,16 +1059,10 @@ class Logger:
     (W&B's resume_from), offline it resumes it and W&B drops steps it already has. W&B's files go to
     <run>/wandb, next to everything else the run writes."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        config: dict,
-        track: bool,
-        project: str,
-        entity: str | None,
-        resume_step: int | None = None,
-        wandb_id: str | None = None,
-    ):
+    def __init__(self, run_dir: Path, args, resume_step: int | None = None, wandb_id: str | None = None):
+        """`args`: the script's Args (its fields are the run's config; track, wandb_project_name, wandb_entity)."""
+        config = dataclasses.asdict(args)
+        track, project, entity = args.track, args.wandb_project_name, args.wandb_entity
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir, self.wandb = run_dir, None

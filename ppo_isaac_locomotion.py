@@ -759,65 +759,6 @@ def ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args: Args
 
 
 # ==================================================================================================================
-# Evaluation and video
-# ==================================================================================================================
-EVAL_UNITS = {
-    "lin_vel_error": "m/s",
-    "lin_vel_error_steady": "m/s",
-    "yaw_rate_error": "rad/s",
-    "yaw_rate_error_steady": "rad/s",
-    "episode_length_s": "s",
-}
-
-
-@torch.no_grad()
-def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, float]:
-    """The deterministic policy on fresh environments and commands for eval_episodes episode lengths (a robot that
-    falls starts a new episode). Tracking errors overall and steady-state; falls with a 95% Wilson interval."""
-    with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's rng untouched
-        env = Go1Env(num_envs, device, Go1Config.from_args(args))
-        obs = env.reset()
-
-        def eval_step():
-            obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
-
-        run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
-        for _ in range(env.max_episode_length * args.eval_episodes):
-            run_eval_step()
-        s = env.pop_stats()
-    low, high = ec.wilson_interval(s["falls"], s["episodes"])
-    return {
-        "lin_vel_error": s["lin_vel_error"],
-        "lin_vel_error_steady": s["lin_vel_error_steady"],
-        "yaw_rate_error": s["yaw_rate_error"],
-        "yaw_rate_error_steady": s["yaw_rate_error_steady"],
-        "fall_rate": s.get("fall_rate", 0.0),
-        "fall_rate_ci95_low": low,
-        "fall_rate_ci95_high": high,
-        "episodes": int(s["episodes"]),
-        "episode_length_s": s.get("episodic_length_s", 0.0),
-    }
-
-
-@torch.no_grad()
-def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
-    """One environment under the deterministic policy, rendered on the host, with gauges of commanded (green) and
-    actual (red) velocity; the velocities frame by frame go to a JSON file beside the mp4."""
-    with ec.separate_rng(args.seed + 20_000, device):
-        env = Go1Env(1, device, Go1Config.from_args(args))
-        obs, frames, log = env.reset(), [], []
-        with ec.Renderer(env.sim, camera="track") as renderer:
-            for _ in range(args.video_length):
-                obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
-                command = env.commands[0].cpu().numpy()
-                actual = torch.cat([env.base_lin_vel[0, :2], env.root_ang_vel_b[0, 2:]]).cpu().numpy()
-                frames.append(ec.draw_gauges(renderer.render(0), command, actual, span=1.5))
-                log.append({"t": len(log) * env.dt, "command": command.tolist(), "actual": actual.tolist()})
-    ec.save_video(frames, path, fps=1.0 / env.dt)
-    ec.write_json(path.with_suffix(".json"), log)
-
-
-# ==================================================================================================================
 # Main: set-up, then the training loop
 # ==================================================================================================================
 # GPU memory per environment and rollout step (simulation, storage, update activations; --no-bf16 included): the
@@ -872,26 +813,8 @@ def main(args: Args) -> None:
                 f"--num-iterations to train on"
             )
 
-    if args.export:
-        out_dir = ec.run_dir_of(args.checkpoint) / "export"
-        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=100.0), env.num_obs, out_dir):
-            print(f"wrote {path}")
-        return
-    if args.eval:
-        print(
-            f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
-            flush=True,
-        )
-        metrics = evaluate(agent, normalizer, device, args, args.num_envs)
-        ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
-        out = ec.run_dir_of(args.checkpoint) / "eval.json"
-        ec.write_json(out, {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics})
-        print(f"wrote {out}")
-        if args.capture_video:
-            video = out.with_name("eval_video.mp4")
-            record_video(agent, normalizer, device, args, video)
-            print(f"wrote {video}")
-        return
+    if args.eval or args.export:
+        return evaluate_or_export(agent, normalizer, env, device, args)
 
     # ---- The rollout storage, and where the environments start ----
     T, N = args.num_steps, args.num_envs
@@ -930,10 +853,7 @@ def main(args: Args) -> None:
     run_dir = ec.run_dir_of(args.checkpoint) if resuming else ec.new_run_dir(args.exp_name, args.seed)
     logger = ec.Logger(
         run_dir,
-        dataclasses.asdict(args),
-        args.track,
-        args.wandb_project_name,
-        args.wandb_entity,
+        args,
         resume_step=global_step if ckpt is not None else None,
         wandb_id=ckpt.get("wandb_id") if resuming else None,
     )
@@ -1134,6 +1054,88 @@ def main(args: Args) -> None:
         f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
         flush=True,
     )
+
+
+# ==================================================================================================================
+# Evaluation and video (called by main)
+# ==================================================================================================================
+EVAL_UNITS = {
+    "lin_vel_error": "m/s",
+    "lin_vel_error_steady": "m/s",
+    "yaw_rate_error": "rad/s",
+    "yaw_rate_error_steady": "rad/s",
+    "episode_length_s": "s",
+}
+
+
+def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
+    """--export: the policy as TorchScript and ONNX in <run>/export; --eval: its metrics as a table and in
+    <run>/eval.json (and a video with --capture-video)."""
+    if args.export:
+        out_dir = ec.run_dir_of(args.checkpoint) / "export"
+        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=100.0), env.num_obs, out_dir):
+            print(f"wrote {path}")
+        return
+    print(
+        f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
+        flush=True,
+    )
+    metrics = evaluate(agent, normalizer, device, args, args.num_envs)
+    ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
+    out = ec.run_dir_of(args.checkpoint) / "eval.json"
+    ec.write_json(out, {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics})
+    print(f"wrote {out}")
+    if args.capture_video:
+        video = out.with_name("eval_video.mp4")
+        record_video(agent, normalizer, device, args, video)
+        print(f"wrote {video}")
+
+
+@torch.no_grad()
+def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, float]:
+    """The deterministic policy on fresh environments and commands for eval_episodes episode lengths (a robot that
+    falls starts a new episode). Tracking errors overall and steady-state; falls with a 95% Wilson interval."""
+    with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's rng untouched
+        env = Go1Env(num_envs, device, Go1Config.from_args(args))
+        obs = env.reset()
+
+        def eval_step():
+            obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
+
+        run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
+        for _ in range(env.max_episode_length * args.eval_episodes):
+            run_eval_step()
+        s = env.pop_stats()
+    low, high = ec.wilson_interval(s["falls"], s["episodes"])
+    return {
+        "lin_vel_error": s["lin_vel_error"],
+        "lin_vel_error_steady": s["lin_vel_error_steady"],
+        "yaw_rate_error": s["yaw_rate_error"],
+        "yaw_rate_error_steady": s["yaw_rate_error_steady"],
+        "fall_rate": s.get("fall_rate", 0.0),
+        "fall_rate_ci95_low": low,
+        "fall_rate_ci95_high": high,
+        "episodes": int(s["episodes"]),
+        "episode_length_s": s.get("episodic_length_s", 0.0),
+    }
+
+
+@torch.no_grad()
+def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
+    """One environment under the deterministic policy, rendered on the host, with gauges of commanded (green) and
+    actual (red) velocity; the velocities frame by frame go to a JSON file beside the mp4."""
+    with ec.separate_rng(args.seed + 20_000, device):
+        env = Go1Env(1, device, Go1Config.from_args(args))
+        obs, frames, log = env.reset(), [], []
+        with ec.Renderer(env.sim, camera="track") as renderer:
+            for _ in range(args.video_length):
+                obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
+                command = env.commands[0].cpu().numpy()
+                actual = torch.cat([env.base_lin_vel[0, :2], env.root_ang_vel_b[0, 2:]]).cpu().numpy()
+                frames.append(ec.draw_gauges(renderer.render(0), command, actual, span=1.5))
+                log.append({"t": len(log) * env.dt, "command": command.tolist(), "actual": actual.tolist()})
+    ec.save_video(frames, path, fps=1.0 / env.dt)
+    ec.write_json(path.with_suffix(".json"), log)
 
 
 if __name__ == "__main__":

@@ -816,65 +816,6 @@ def ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args: Args
 
 
 # ==================================================================================================================
-# Evaluation and video
-# ==================================================================================================================
-EVAL_UNITS = {"success_rate": "", "hold_error": "m", "reached_rate": "", "time_to_reach": "s", "mean_distance": "m"}
-
-
-@torch.no_grad()
-def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, float]:
-    """The deterministic policy on fresh environments and targets for eval_episodes episodes. Success rate with a
-    95% Wilson interval, hold error, share reached, time to first reach, and censored targets (see ReachEnv)."""
-    with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's rng untouched
-        env = ReachEnv(num_envs, device, ReachConfig.from_args(args))
-        obs = env.reset()
-
-        def eval_step():
-            obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
-
-        run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
-        for _ in range(env.max_episode_length * args.eval_episodes):
-            run_eval_step()
-        s = env.pop_stats()
-    low, high = ec.wilson_interval(s["successes"], s["targets"])
-    return {
-        "success_rate": s.get("success_rate", float("nan")),
-        "success_rate_ci95_low": low,
-        "success_rate_ci95_high": high,
-        "hold_error": s.get("hold_error", float("nan")),
-        "reached_rate": s.get("reached_rate", float("nan")),
-        "time_to_reach": s.get("time_to_reach", float("nan")),
-        "mean_distance": s["mean_distance"],
-        "targets": int(s["targets"]),
-        "censored_targets": int(s["censored_targets"]),
-    }
-
-
-@torch.no_grad()
-def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
-    """One environment under the deterministic policy, rendered on the host; the red sphere is the target. Target,
-    end-effector and distance frame by frame go to a JSON file beside the mp4."""
-    with ec.separate_rng(args.seed + 20_000, device):
-        env = ReachEnv(1, device, ReachConfig.from_args(args))
-        obs, frames, log = env.reset(), [], []
-        with ec.Renderer(env.sim, camera="front") as renderer:
-            for _ in range(args.video_length):
-                target = env.target[0].cpu().numpy().tolist()  # the target this step aims at (it may be replaced)
-                obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
-                frames.append(renderer.render(0))
-                log.append(
-                    {
-                        "t": len(log) * env.dt,
-                        "target": target,
-                        "ee": env.ee_pos[0].cpu().numpy().tolist(),
-                        "distance": float(env.distance[0]),
-                    }
-                )
-    ec.save_video(frames, path, fps=1.0 / env.dt)
-    ec.write_json(path.with_suffix(".json"), log)
-
-
-# ==================================================================================================================
 # Main: set-up, then the training loop
 # ==================================================================================================================
 # GPU memory per environment and rollout step (simulation, storage, update activations; --no-bf16 included): the
@@ -929,26 +870,8 @@ def main(args: Args) -> None:
                 f"--num-iterations to train on"
             )
 
-    if args.export:
-        out_dir = ec.run_dir_of(args.checkpoint) / "export"
-        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=1.0), env.num_obs, out_dir):
-            print(f"wrote {path}")
-        return
-    if args.eval:
-        print(
-            f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
-            flush=True,
-        )
-        metrics = evaluate(agent, normalizer, device, args, args.num_envs)
-        ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
-        out = ec.run_dir_of(args.checkpoint) / "eval.json"
-        ec.write_json(out, {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics})
-        print(f"wrote {out}")
-        if args.capture_video:
-            video = out.with_name("eval_video.mp4")
-            record_video(agent, normalizer, device, args, video)
-            print(f"wrote {video}")
-        return
+    if args.eval or args.export:
+        return evaluate_or_export(agent, normalizer, env, device, args)
 
     # ---- The rollout storage, and where the environments start ----
     T, N = args.num_steps, args.num_envs
@@ -987,10 +910,7 @@ def main(args: Args) -> None:
     run_dir = ec.run_dir_of(args.checkpoint) if resuming else ec.new_run_dir(args.exp_name, args.seed)
     logger = ec.Logger(
         run_dir,
-        dataclasses.asdict(args),
-        args.track,
-        args.wandb_project_name,
-        args.wandb_entity,
+        args,
         resume_step=global_step if ckpt is not None else None,
         wandb_id=ckpt.get("wandb_id") if resuming else None,
     )
@@ -1189,6 +1109,88 @@ def main(args: Args) -> None:
         f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
         flush=True,
     )
+
+
+# ==================================================================================================================
+# Evaluation and video (called by main)
+# ==================================================================================================================
+EVAL_UNITS = {"success_rate": "", "hold_error": "m", "reached_rate": "", "time_to_reach": "s", "mean_distance": "m"}
+
+
+def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
+    """--export: the policy as TorchScript and ONNX in <run>/export; --eval: its metrics as a table and in
+    <run>/eval.json (and a video with --capture-video)."""
+    if args.export:
+        out_dir = ec.run_dir_of(args.checkpoint) / "export"
+        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=1.0), env.num_obs, out_dir):
+            print(f"wrote {path}")
+        return
+    print(
+        f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
+        flush=True,
+    )
+    metrics = evaluate(agent, normalizer, device, args, args.num_envs)
+    ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
+    out = ec.run_dir_of(args.checkpoint) / "eval.json"
+    ec.write_json(out, {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics})
+    print(f"wrote {out}")
+    if args.capture_video:
+        video = out.with_name("eval_video.mp4")
+        record_video(agent, normalizer, device, args, video)
+        print(f"wrote {video}")
+
+
+@torch.no_grad()
+def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, float]:
+    """The deterministic policy on fresh environments and targets for eval_episodes episodes. Success rate with a
+    95% Wilson interval, hold error, share reached, time to first reach, and censored targets (see ReachEnv)."""
+    with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's rng untouched
+        env = ReachEnv(num_envs, device, ReachConfig.from_args(args))
+        obs = env.reset()
+
+        def eval_step():
+            obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
+
+        run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
+        for _ in range(env.max_episode_length * args.eval_episodes):
+            run_eval_step()
+        s = env.pop_stats()
+    low, high = ec.wilson_interval(s["successes"], s["targets"])
+    return {
+        "success_rate": s.get("success_rate", float("nan")),
+        "success_rate_ci95_low": low,
+        "success_rate_ci95_high": high,
+        "hold_error": s.get("hold_error", float("nan")),
+        "reached_rate": s.get("reached_rate", float("nan")),
+        "time_to_reach": s.get("time_to_reach", float("nan")),
+        "mean_distance": s["mean_distance"],
+        "targets": int(s["targets"]),
+        "censored_targets": int(s["censored_targets"]),
+    }
+
+
+@torch.no_grad()
+def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
+    """One environment under the deterministic policy, rendered on the host; the red sphere is the target. Target,
+    end-effector and distance frame by frame go to a JSON file beside the mp4."""
+    with ec.separate_rng(args.seed + 20_000, device):
+        env = ReachEnv(1, device, ReachConfig.from_args(args))
+        obs, frames, log = env.reset(), [], []
+        with ec.Renderer(env.sim, camera="front") as renderer:
+            for _ in range(args.video_length):
+                target = env.target[0].cpu().numpy().tolist()  # the target this step aims at (it may be replaced)
+                obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
+                frames.append(renderer.render(0))
+                log.append(
+                    {
+                        "t": len(log) * env.dt,
+                        "target": target,
+                        "ee": env.ee_pos[0].cpu().numpy().tolist(),
+                        "distance": float(env.distance[0]),
+                    }
+                )
+    ec.save_video(frames, path, fps=1.0 / env.dt)
+    ec.write_json(path.with_suffix(".json"), log)
 
 
 if __name__ == "__main__":
