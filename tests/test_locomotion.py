@@ -142,6 +142,7 @@ def test_eval_prints_the_task_metrics(trained_run, rendering_problem):
     assert out.returncode == 0, out.stdout + out.stderr
     if video:
         assert (run_dir / "eval_video.mp4").stat().st_size > 1000 and (run_dir / "eval_video.json").exists()
+    assert "learning to walk" not in out.stdout, "a training-only note printed by --eval"
     metrics = json.loads((run_dir / "eval.json").read_text())  # the metrics, not overwritten by the video's log
     for key in (
         "lin_vel_error",

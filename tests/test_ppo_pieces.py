@@ -91,3 +91,75 @@ def test_bf16_hidden_layers_stay_close_to_float32(script):
     for g16, g32 in zip(grads16, grads32):
         assert torch.isfinite(g16).all()
         assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss and the learning-rate schedule as rsl_rl has them; wall time from the script's first line
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_rollout(script, T=4, N=8, seed=0):
+    torch.manual_seed(seed)
+    agent = script.ActorCritic(5, 3, hidden=(16, 16))
+    storage = script.RolloutStorage.allocate(T, N, 5, 3, "cpu")
+    storage.obs.normal_()
+    with torch.no_grad():
+        actions, logprobs = agent.get_action(storage.obs.view(T * N, 5))
+        storage.actions.copy_(actions.view(T, N, 3))
+        storage.logprobs.copy_((logprobs + 0.05 * torch.randn(T * N)).view(T, N))  # a policy that moved a little
+        storage.values.copy_(agent.get_value(storage.obs.view(T * N, 5)).view(T, N))
+    storage.returns.normal_()
+    storage.advantages.normal_()
+    return agent, storage
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_value_loss_is_rsl_rls(script):
+    """rsl_rl's PPO: value loss = mean(max((V - R)^2, (V_clipped - R)^2)), with no factor 0.5 (CleanRL's has one)."""
+    agent, storage = tiny_rollout(script)
+    args = script.Args(clip_coef=0.2)
+    mb = torch.arange(storage.rewards.numel())
+    _, stats = script.ppo_loss(agent, storage, mb, args)
+    with torch.no_grad():
+        v = agent.get_value(storage.obs.view(-1, 5))
+        old, ret = storage.values.flatten(), storage.returns.flatten()
+        clipped = old + (v - old).clamp(-0.2, 0.2)
+        expected = torch.max((v - ret).square(), (clipped - ret).square()).mean()
+    torch.testing.assert_close(stats[0], expected)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_learning_rate_adapts_before_the_minibatchs_own_step(script):
+    """rsl_rl sets the learning rate from a minibatch's KL before that minibatch's optimizer step: with a KL far
+    above twice the target, the step is taken at lr / 1.5 (Adam's first step moves each weight by about its rate)."""
+    steps = {}
+    for adapt in (True, False):
+        agent, storage = tiny_rollout(script)
+        lr = 1e-3 if adapt else 1e-3 / 1.5
+        args = script.Args(desired_kl=1e-9 if adapt else 0.0, max_grad_norm=1e9)
+        # foreach=False: a tensor learning rate, as the scripts keep it, needs the single-tensor path on the CPU
+        optimizer = torch.optim.Adam(agent.parameters(), lr=torch.tensor(lr), eps=1e-5, foreach=False)
+        before = [p.detach().clone() for p in agent.parameters()]
+        mb = torch.arange(storage.rewards.numel())
+        script.ppo_minibatch_update(agent, optimizer, storage, mb, torch.zeros(6), args)
+        steps[adapt] = [p.detach() - b for p, b in zip(agent.parameters(), before)]
+        if adapt:
+            assert optimizer.param_groups[0]["lr"].item() == pytest.approx(1e-3 / 1.5)
+    for a, b in zip(steps[True], steps[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)  # lr * (1 / 1.5) against lr / 1.5: rounding
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_wall_time_counts_from_the_scripts_first_line(script):
+    """PROCESS_START is taken before any import but `time` (and `from __future__`): figures include the imports."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(script.__file__).read_text())
+    first = []
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # the docstring
+            continue
+        first.append(node)
+        if isinstance(node, ast.Assign):
+            break
+    names = [ast.unparse(n) for n in first]
+    assert names == ["from __future__ import annotations", "import time", "PROCESS_START = time.time()"], names

@@ -110,3 +110,16 @@ def test_eval_and_export_take_the_task_arguments_from_the_checkpoint(tracked_run
     assert json.loads((run_dir / "eval.json").read_text())["episodes"] >= 2
     out = run("locomotion", ["--device", "cpu", "--export", "--checkpoint", latest], cwd)
     assert out.returncode == 0 and "using the checkpoint's --action-scale 0.5" in out.stdout, out.stdout + out.stderr
+
+
+def test_gpu_only_switches_say_that_they_change_nothing_on_the_cpu(capsys):
+    """--no-compile and friends on the CPU: a note says they change nothing there (every printed line true)."""
+
+    class FakeArgs:
+        compile, cudagraphs, tf32, bf16 = False, True, False, True
+
+    ec.note_gpu_only_flags(FakeArgs(), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "--no-compile, --no-tf32 change nothing on the CPU" in out
+    ec.note_gpu_only_flags(FakeArgs(), torch.device("cuda"))
+    assert capsys.readouterr().out == ""
