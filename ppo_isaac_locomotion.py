@@ -7,8 +7,9 @@ ctrl tensor (MuJoCo Warp, zero-copy), four 200 Hz physics steps run, and observa
 computed in torch straight from the simulator's state tensors.
 
 Read top to bottom: Args; the task (Go1Env, one function per reward term, the scale table); the observation
-normalizer; ActorCritic; PPO's pieces (rollout step, GAE, loss); main(), the training loop. Plumbing that is not
-the lesson (simulation, checkpoints, loggers, export, video) is in envs_common.py.
+normalizer; ActorCritic; PPO's pieces (rollout step, GAE, loss); main(), the training loop; then evaluation,
+video and export. Plumbing that is not the lesson (simulation, checkpoints, loggers, export, video) is in
+envs_common.py.
 """
 
 from __future__ import annotations

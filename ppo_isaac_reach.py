@@ -8,8 +8,9 @@ increments in the simulator's ctrl tensor (MuJoCo Warp, zero-copy), four 200 Hz 
 observations, rewards and resets are computed in torch straight from the simulator's state tensors.
 
 Read top to bottom: Args; the task (ActionHandler, ReachEnv, one function per reward term, the scale table); the
-observation normalizer; ActorCritic; PPO's pieces (rollout step, GAE, loss); main(), the training loop. Plumbing
-that is not the lesson (simulation, checkpoints, loggers, export, video) is in envs_common.py.
+observation normalizer; ActorCritic; PPO's pieces (rollout step, GAE, loss); main(), the training loop; then
+evaluation, video and export. Plumbing that is not the lesson (simulation, checkpoints, loggers, export, video) is in
+envs_common.py.
 """
 
 from __future__ import annotations
