@@ -819,14 +819,21 @@ def check_name(args, name: str, optional: bool = False) -> None:
     value = getattr(args, name)
     if value is None and optional:
         return
-    if not value or not all(c.isalnum() or c in "._-" for c in value) or value in (".", ".."):
-        raise UserError(f"{flag(name)} {value!r}: use letters, digits, '.', '_' and '-' only (it names folders)")
+    if not value or not all(c.isalnum() or c in "._-" for c in value) or value in (".", "..") or len(value) > 100:
+        raise UserError(
+            f"{flag(name)} {value[:40]!r}{'...' if value and len(value) > 40 else ''}: use up to 100 letters, digits, "
+            "'.', '_' and '-' (it names folders)"
+        )
 
 
 def check_common_args(args, num_obs_steps_hint: str = "") -> None:
     """The domains of the Args fields both scripts share (sizes, PPO's coefficients, logging). Each script checks
     its task's own fields after calling this. Raises UserError naming the flag and the fix."""
     check_name(args, "exp_name")
+    if args.device == "":
+        raise UserError("--device '': give auto, cpu, cuda or cuda:N")
+    if args.checkpoint == "":
+        raise UserError("--checkpoint '': give a checkpoint file, e.g. runs/<run>/checkpoints/latest.pt")
     check_range(args, "seed", 0, 2**32 - 1, integer=True, hint="NumPy seeds are unsigned 32-bit integers")
     check_name(args, "wandb_project_name")
     check_name(args, "wandb_entity", optional=True)

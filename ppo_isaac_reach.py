@@ -1079,10 +1079,11 @@ def main(args: Args) -> None:
             ec.save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
             ec.save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
             last_checkpoint = run_dir / "checkpoints" / "latest.pt"
-        if stop.signal is not None:
+        if stop.signal is not None and not last:  # a signal during the last iteration: the run ends as finished
             logger.close()
             print(
-                f"stopped after iteration {iteration}; resume with: python {SCRIPT}.py --checkpoint {last_checkpoint}",
+                f"stopped after iteration {iteration}; resume with: python {sys.argv[0]} --checkpoint "
+                f"{last_checkpoint}",
                 flush=True,
             )
             sys.exit(128 + stop.signal)

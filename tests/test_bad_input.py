@@ -34,6 +34,9 @@ CASES = [
         ["minibatches of 1 sample", "--num-minibatches"],
     ),
     ("zero-noise-std", [*CPU, "--init-noise-std", "0"], {}, ["--init-noise-std", "positive standard deviation"]),
+    ("empty-checkpoint", [*CPU, "--checkpoint", ""], {}, ["--checkpoint ''", "latest.pt"]),
+    ("empty-device", ["--device", "", "--num-envs", "4"], {}, ["--device ''", "cpu"]),
+    ("long-exp-name", [*CPU, "--exp-name", "a" * 300], {}, ["--exp-name", "up to 100"]),
     ("eval-and-export", [*CPU, "--eval", "--export", "--checkpoint", "{ckpts}/good.pt"], {}, ["--eval and --export"]),
     (
         "batch-does-not-split",
