@@ -108,6 +108,18 @@ def test_nonfinite_worlds_are_reset_counted_and_the_others_untouched(name):
     assert all(np.isfinite(v) for k, v in stats.items() if np.isfinite(healthy_stats[k])), stats
 
 
+def main_in_process(script, **overrides):
+    """The script's main() in this process (so that a test can patch it), at tiny sizes on the CPU; the signal
+    handlers it installs are put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    tiny = dict(device="cpu", num_envs=8, num_steps=8, num_minibatches=2, update_epochs=2, eval_interval=0)
+    try:
+        script.main(script.Args(**{**tiny, **overrides}))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def test_training_goes_on_through_injected_nans(tmp_path, monkeypatch):
     """The real training loop (main) with NaNs written into two worlds' velocities on two rollout steps: losses stay
     finite, the resets are counted in TensorBoard, and the weights stay finite."""
@@ -122,23 +134,7 @@ def test_training_goes_on_through_injected_nans(tmp_path, monkeypatch):
         return real_step(self, actions)
 
     monkeypatch.setattr(env_cls, "step", step_with_faults)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        script.main(
-            script.Args(
-                device="cpu",
-                num_envs=8,
-                num_steps=8,
-                num_iterations=3,
-                num_minibatches=2,
-                update_epochs=2,
-                eval_interval=0,
-                episode_length_s=0.3,
-            )
-        )
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    main_in_process(script, num_iterations=3, episode_length_s=0.3)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -236,24 +232,8 @@ def test_training_that_turns_non_finite_stops_and_keeps_the_last_good_checkpoint
         return out
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned_step)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            script.main(
-                script.Args(
-                    device="cpu",
-                    num_envs=8,
-                    num_steps=8,
-                    num_iterations=3,
-                    num_minibatches=2,
-                    update_epochs=2,
-                    eval_interval=0,
-                    save_interval=1,
-                )
-            )
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    with pytest.raises(SystemExit) as exit_info:
+        main_in_process(script, num_iterations=3, save_interval=1)
     assert exit_info.value.code == 3
     (run_dir,) = (tmp_path / "runs").iterdir()
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
