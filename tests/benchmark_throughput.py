@@ -15,6 +15,14 @@ so this measures what users run):
   3. training: full PPO iterations, rollout + update: the SPS that the scripts print;
 and prints a table with the ratios rollout/physics and training/physics, the time of each phase per iteration and
 the peak GPU memory, and writes the same as JSON. On the CPU (tiny sizes) it shows the pipeline, not speed.
+
+    python tests/benchmark_throughput.py --seed-table --num-envs 4096 16384 [--out seed.json]
+
+adds the seed's speed table, rebuilt with this project's Go1 (go1.xml, its solver, 4 physics steps per policy step,
+its position actuators as PD control): environment steps per second of MuJoCo's C engine stepped from Python
+(`mujoco.mj_step`, one environment), of MuJoCo's C engine on every CPU core (`mujoco.rollout`, its own
+multi-threaded batch stepping), of MuJoCo Warp under the same random joint targets, and of this project's training
+(the rows above). Locomotion only.
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -209,6 +219,114 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
     return row
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- The seed's table: one model, one control protocol, four ways of stepping it ----------------------------------
+def random_targets(home, action_scale: float, shape, seed: int):
+    """Joint targets home + action_scale * U(-1, 1), one per policy step: what an untrained policy sends.
+    Returns a float64 array of shape (*shape, nu)."""
+    rng = np.random.default_rng(seed)
+    return home + action_scale * rng.uniform(-1.0, 1.0, size=(*shape, len(home)))
+
+
+def seed_table_cpu(mjm, decimation: int, action_scale: float, policy_steps: int, rollout_envs: int) -> list[dict]:
+    """MuJoCo's C engine on the CPU: one environment stepped from Python with mj_step, then rollout_envs of them
+    stepped by mujoco.rollout on os.cpu_count() threads. Both start at keyframe 0 and hold each random joint target
+    for `decimation` physics steps. Returns rows of {engine, envs, env_steps_per_s}."""
+    import mujoco
+    from mujoco import rollout
+
+    home = mjm.key_ctrl[0].copy()
+    data = mujoco.MjData(mjm)
+    mujoco.mj_resetDataKeyframe(mjm, data, 0)
+    targets = random_targets(home, action_scale, (policy_steps,), seed=0)
+    mujoco.mj_step(mjm, data)  # warm-up: first-call allocations
+    t = time.perf_counter()
+    for target in targets:
+        data.ctrl[:] = target
+        for _ in range(decimation):
+            mujoco.mj_step(mjm, data)
+    mj_step_rate = policy_steps / (time.perf_counter() - t)
+
+    threads = os.cpu_count() or 1
+    mujoco.mj_resetDataKeyframe(mjm, data, 0)
+    state0 = np.empty(mujoco.mj_stateSize(mjm, mujoco.mjtState.mjSTATE_FULLPHYSICS))
+    mujoco.mj_getState(mjm, data, state0, mujoco.mjtState.mjSTATE_FULLPHYSICS)
+    # (envs, physics steps, nu): each policy step's target repeated for its physics steps
+    control = np.repeat(random_targets(home, action_scale, (rollout_envs, policy_steps), seed=1), decimation, axis=1)
+    initial = np.tile(state0, (rollout_envs, 1))
+    datas = [mujoco.MjData(mjm) for _ in range(threads)]
+    with rollout.Rollout(nthread=threads) as runner:
+        runner.rollout(mjm, datas, initial, control[:, :decimation])  # warm-up: the thread pool starts
+        t = time.perf_counter()
+        runner.rollout(mjm, datas, initial, control)
+        rollout_rate = rollout_envs * policy_steps / (time.perf_counter() - t)
+    return [
+        {"engine": "MuJoCo C, mujoco.mj_step from Python", "envs": 1, "env_steps_per_s": mj_step_rate},
+        {
+            "engine": f"MuJoCo C, mujoco.rollout on {threads} CPU threads",
+            "envs": rollout_envs,
+            "env_steps_per_s": rollout_rate,
+        },
+    ]
+
+
+def seed_table_warp(mjm, decimation: int, action_scale: float, policy_steps: int, num_envs: int, device) -> dict:
+    """MuJoCo Warp (this project's BatchedSim, recorded sub-steps) under the same protocol as seed_table_cpu:
+    keyframe 0, random joint targets held for `decimation` physics steps. Returns one row."""
+    sim = ec.BatchedSim(mjm, num_envs, device, decimation=decimation, contact_forces=True, poses=False)
+    home = torch.tensor(mjm.key_ctrl[0], dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device).manual_seed(2)
+    targets = home + action_scale * (2 * torch.rand(policy_steps, num_envs, mjm.nu, generator=gen, device=device) - 1)
+    sim.step()  # kernels load
+    sim.step()  # the sub-steps are recorded
+    sync(device)
+    t = time.perf_counter()
+    for target in targets:
+        sim.ctrl.copy_(target)
+        sim.step()
+    sync(device)
+    rate = num_envs * policy_steps / (time.perf_counter() - t)
+    return {"engine": f"MuJoCo Warp on {device.type.upper()}, physics only", "envs": num_envs, "env_steps_per_s": rate}
+
+
+def seed_table(script, rows: list[dict], device, opts) -> list[dict]:
+    """The seed's table with real figures (see the module docstring); prints it and returns its rows."""
+    args = script.Args()
+    mjm = ec.load_model(script.ASSET)
+    decimation = max(1, round(script.POLICY_DT / mjm.opt.timestep))
+    table = seed_table_cpu(mjm, decimation, args.action_scale, opts.seed_steps, opts.rollout_envs)
+    for n in opts.num_envs:
+        table.append(seed_table_warp(mjm, decimation, args.action_scale, opts.seed_steps, n, device))
+    for row in rows:
+        table.append(
+            {
+                "engine": f"this project, PPO training on {device.type.upper()} (policy, physics, update)",
+                "envs": row["num_envs"],
+                "env_steps_per_s": row["training_env_steps_per_s"],
+            }
+        )
+    print(
+        f"\nThe seed's table, rebuilt: Go1 (go1.xml), {decimation} physics steps of {mjm.opt.timestep * 1e3:g} ms per "
+        f"environment step, random joint targets (home + {args.action_scale} x U(-1, 1)) held by the position "
+        f"actuators; {opts.seed_steps} environment steps from keyframe 0; CPU: {cpu_name()}, "
+        f"{os.cpu_count()} threads"
+    )
+    print(f"{'engine':<70} | {'envs':>6} | {'env steps/s':>12}")
+    for r in table:
+        print(f"{r['engine']:<70} | {r['envs']:>6} | {r['env_steps_per_s']:>12,.0f}")
+    return table
+
+
 def profile_phases(phases: dict, num_envs: int) -> None:
     """Where the GPU time goes: every kernel of one call of each phase (torch.profiler sees the kernels inside CUDA
     graph replays too), MuJoCo Warp's apart from torch's, with the busiest kernels of each phase."""
@@ -294,6 +412,17 @@ def main():
         action="store_true",
         help="on a GPU: also list each phase's kernels (MuJoCo Warp's and torch's) with their times",
     )
+    parser.add_argument(
+        "--seed-table",
+        action="store_true",
+        help="also measure the seed's table (locomotion): mujoco.mj_step, mujoco.rollout, MuJoCo Warp, training",
+    )
+    parser.add_argument(
+        "--seed-steps", type=int, default=500, help="environment steps of each engine in the seed's table"
+    )
+    parser.add_argument(
+        "--rollout-envs", type=int, default=1024, help="environments stepped by mujoco.rollout in the seed's table"
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     opts = parser.parse_args()
     opts.script_args = [(k, float(v) if "." in v else int(v)) for k, v in opts.script_args]
@@ -307,6 +436,8 @@ def main():
             return mjm
 
         ec.load_model = load_model_with_solver
+    if opts.seed_table and opts.task != "locomotion":
+        sys.exit("error: --seed-table measures the locomotion task's Go1: use --task locomotion")
     module_name, env_name, config_name = TASKS[opts.task]
     script = importlib.import_module(module_name)
     env_cls, config_cls = getattr(script, env_name), getattr(script, config_name)
@@ -360,6 +491,8 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    table = seed_table(script, rows, device, opts) if opts.seed_table else None
+
     import mujoco_warp
     import warp
 
@@ -380,6 +513,9 @@ def main():
         },
         "script_args": dict(opts.script_args),
         "rows": rows,
+        "seed_table": table,
+        "cpu": cpu_name(),
+        "cpu_threads": os.cpu_count(),
     }
     if opts.out:
         Path(opts.out).write_text(json.dumps(report, indent=2))

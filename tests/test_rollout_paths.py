@@ -157,6 +157,8 @@ def test_benchmark_prints_its_table_on_the_cpu(tmp_path, task):
             "1",
             "--out",
             str(out),
+            # locomotion: the seed's table too, at tiny sizes
+            *(["--seed-table", "--seed-steps", "5", "--rollout-envs", "4"] if task == "locomotion" else []),
         ],
         capture_output=True,
         text=True,
@@ -166,6 +168,16 @@ def test_benchmark_prints_its_table_on_the_cpu(tmp_path, task):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "train/phys" in proc.stdout
+    if task == "locomotion":
+        # Every row of the seed's table is printed and saved: MuJoCo C (mj_step, rollout), MuJoCo Warp and training
+        # at each size.
+        table = json.loads(out.read_text())["seed_table"]
+        engines = ["mujoco.mj_step", "mujoco.rollout", "MuJoCo Warp", "MuJoCo Warp", "PPO training", "PPO training"]
+        assert len(table) == len(engines)
+        for row, engine in zip(table, engines):
+            assert engine in row["engine"] and row["env_steps_per_s"] > 0, row
+            assert f"{row['engine']:<70} | {row['envs']:>6} |" in proc.stdout, row
+        assert [r["envs"] for r in table] == [1, 4, 4, 8, 4, 8]
     report = json.loads(out.read_text())
     assert [r["num_envs"] for r in report["rows"]] == [4, 8]
     for row in report["rows"]:
