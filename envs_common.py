@@ -340,6 +340,26 @@ def _share_stream(device: torch.device, wp_device) -> None:
 _KERNELS_ANNOUNCED: set[str] = set()  # devices for which the one-time kernel message was printed
 
 
+@contextlib.contextmanager
+def _heartbeat(what: str, every_s: float):
+    """Print `what (N s)` every `every_s` seconds while the block runs (a long compile shows it is alive)."""
+    import threading
+
+    done, t0 = threading.Event(), time.time()
+
+    def beat():
+        while not done.wait(every_s):
+            print(f"{what} ({time.time() - t0:.0f} s)", flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 class BatchedSim:
     """`num_envs` copies of one MuJoCo model on one device, stepped in lockstep by MuJoCo Warp.
 
@@ -384,6 +404,9 @@ class BatchedSim:
         self.mjm, self.num_envs, self.decimation = mjm, int(num_envs), int(decimation)
         self.device = resolve_device(str(device))
         wp.config.quiet = True  # no Warp banner
+        # GPU code straight to machine code for this GPU (cubin), kept in Warp's cache: the default PTX is translated
+        # again by the driver on every process whose driver cache misses (README: Cold and warm start).
+        wp.config.cuda_output = "cubin"
         wp.init()
         self.wp_device = wp.get_device("cpu" if self.device.type == "cpu" else f"cuda:{self.device.index}")
         if self.device.type == "cuda":
@@ -485,7 +508,9 @@ class BatchedSim:
                             recursive=True,
                             max_workers=os.cpu_count(),
                         )
-                self._substeps()
+                alive = _heartbeat("MuJoCo Warp: still compiling or loading", every_s=15.0)
+                with alive if first else contextlib.nullcontext():
+                    self._substeps()
                 self._stepped_once = True
                 if first:
                     print(f"MuJoCo Warp: kernels ready after {time.time() - t0:.1f} s", flush=True)

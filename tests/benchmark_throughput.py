@@ -113,8 +113,10 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
         # Each size compiles afresh, as in a training run (one process, one size): torch.compile would otherwise
         # keep every earlier size's compiled code and, past its limit of recompilations, run later sizes eager.
         torch._dynamo.reset()
-    step_fn = torch.compile(script.rollout_step, dynamic=False) if args.compile else script.rollout_step
-    loss_fn = torch.compile(script.ppo_loss, dynamic=False) if args.compile else script.ppo_loss
+    compile_rollout = args.compile and opts.compile_parts in ("all", "rollout")
+    compile_loss = args.compile and opts.compile_parts in ("all", "loss")
+    step_fn = torch.compile(script.rollout_step, dynamic=False) if compile_rollout else script.rollout_step
+    loss_fn = torch.compile(script.ppo_loss, dynamic=False) if compile_loss else script.ppo_loss
     if args.compile:
         torch._inductor.config.fallback_random = True
     graphed = ec.cuda_graphed if args.cudagraphs else (lambda fn, _device: fn)
@@ -381,6 +383,12 @@ def main():
         action="store_false",
         help="the scripts' --no-compile: no torch.compile (GPU only, as in the scripts)",
     )
+    parser.add_argument(
+        "--compile-parts",
+        choices=["all", "rollout", "loss"],
+        default="all",
+        help="with compile on: what torch.compile compiles (the scripts compile both), to weigh each part's cost",
+    )
     parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="full float32 matrix products")
     parser.add_argument(
         "--no-bf16",
@@ -449,7 +457,7 @@ def main():
     on_gpu = device.type == "cuda"
     print(
         f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and on_gpu}, "
-        f"compile={opts.compile and on_gpu}, tf32={opts.tf32}, bf16={opts.bf16 and on_gpu}, "
+        f"compile={opts.compile and on_gpu and opts.compile_parts}, tf32={opts.tf32}, bf16={opts.bf16 and on_gpu}, "
         f"solver={opts.solver or 'as in the asset'}, "
         f"{opts.iterations} timed iterations per size",
         flush=True,
@@ -503,6 +511,7 @@ def main():
         "tf32": opts.tf32,
         "bf16": opts.bf16 and on_gpu,
         "compile": opts.compile and on_gpu,
+        "compile_parts": opts.compile_parts,
         "solver": opts.solver,
         "date": datetime.date.today().isoformat(),
         "command": " ".join(sys.argv),
