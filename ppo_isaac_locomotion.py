@@ -460,18 +460,21 @@ class Go1Env:
         """Draw a model for every environment from DOMAIN_RAND and write it into the simulator's per-world fields
         for those in `mask` (in place; the others keep theirs bit for bit). legged_gym's _process_rigid_shape_props
         and _process_rigid_body_props, there once at creation."""
-        n, nom, field, r = self.num_envs, self.sim.nominal, self.sim.model, DOMAIN_RAND
+        n, nom, field, nbody, nv = self.num_envs, self.sim.nominal, self.sim.model, self.sim.mjm.nbody, self.sim.mjm.nv
+
+        def draw(key, *shape):  # (n, *shape) uniform draws in DOMAIN_RAND[key]
+            return self._rand(n, *shape, lo=DOMAIN_RAND[key][0], hi=DOMAIN_RAND[key][1])
 
         def write(name, value):
             t = field[name]
             t.copy_(torch.where(mask.view(-1, *[1] * (t.dim() - 1)), value, t))
 
         friction = nom["geom_friction"].repeat(n, 1, 1)  # (n, ngeom, 3): sliding, torsional, rolling
-        friction[:, self.foot_geoms, 0] = self._rand(n, 1, lo=r["foot_friction"][0], hi=r["foot_friction"][1])
+        friction[:, self.foot_geoms, 0] = draw("foot_friction", 1)
         write("geom_friction", friction)
-        scale = self._rand(n, self.sim.mjm.nbody, lo=r["link_mass_scale"][0], hi=r["link_mass_scale"][1])
+        scale = draw("link_mass_scale", nbody)
         mass = nom["body_mass"] * scale
-        mass[:, self.trunk] += self._rand(n, lo=r["trunk_added_mass"][0], hi=r["trunk_added_mass"][1])
+        mass[:, self.trunk] += draw("trunk_added_mass")
         write("body_mass", mass)
         write("body_inertia", nom["body_inertia"] * scale[..., None])
         ipos = nom["body_ipos"].repeat(n, 1, 1)
@@ -479,21 +482,15 @@ class Go1Env:
         write("body_ipos", ipos)
         # A position servo: force = kp * (target - q) - kd * qdot, as gainprm[0] = kp, biasprm[1] = -kp, biasprm[2]
         # = -kd (MuJoCo's <position>).
-        kp = self._rand(n, self.num_actions, lo=r["kp_scale"][0], hi=r["kp_scale"][1])
-        kd = self._rand(n, self.num_actions, lo=r["kd_scale"][0], hi=r["kd_scale"][1])
+        kp, kd = draw("kp_scale", self.num_actions), draw("kd_scale", self.num_actions)
         gain, bias = nom["actuator_gainprm"].repeat(n, 1, 1), nom["actuator_biasprm"].repeat(n, 1, 1)
         gain[..., 0] *= kp
         bias[..., 1] *= kp
         bias[..., 2] *= kd
         write("actuator_gainprm", gain)
         write("actuator_biasprm", bias)
-        nv = self.sim.mjm.nv
-        lo, hi = r["joint_friction_scale"]
-        write("dof_frictionloss", nom["dof_frictionloss"] * self._rand(n, nv, lo=lo, hi=hi))
-        write(
-            "dof_armature",
-            nom["dof_armature"] * self._rand(n, nv, lo=r["armature_scale"][0], hi=r["armature_scale"][1]),
-        )
+        write("dof_frictionloss", nom["dof_frictionloss"] * draw("joint_friction_scale", nv))
+        write("dof_armature", nom["dof_armature"] * draw("armature_scale", nv))
 
     def desynchronize(self) -> None:
         """Start every environment at a random point of its episode (legged_gym's init_at_random_ep_len), so that
