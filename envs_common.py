@@ -378,13 +378,40 @@ class BatchedSim:
     | mocap_pos  | (N, nmocap, 3)   | mocap body positions (markers, targets)         | -                              |
     | contact_force | (N, nbody, 3) | net external (contact) force per body, world    | net contact force tensor       |
     | overflow   | (N,) int32       | MuJoCo Warp's overflow bits, sticky until reset | -                              |
+    | model[f]   | (N, ...)         | per-world model field f (`per_world`, below)    | actor and DOF properties       |
 
     `contact_force` is filled only with `contact_forces=True` (an extra pass after the solver's last sub-step).
     With `poses=True`, body poses (xpos, xquat, site_xpos) are recomputed after every `step()` and `reset()`, so
     they match `qpos` (MuJoCo's own mj_step leaves them one sub-step behind). A task that reads none of them passes
     `poses=False` and saves those two kinematics passes per policy step (about 20 small kernels); the physics is
     the same, since every physics step starts by computing the poses of its qpos.
+
+    Per-world model fields (domain randomization; Isaac Gym: set_actor_rigid_body_properties and friends, per
+    environment). MuJoCo Warp's kernels read a model field of shape (k, ...) at row `world % k`, and put_model makes
+    the fields named in its `batch_sizes` one row per world. The fields named in `per_world` (MuJoCo Warp Model
+    names, e.g. "geom_friction", "body_mass", "actuator_gainprm") are made so, and `model[name]` is a zero-copy torch
+    view of shape (N, ...) of each (`nominal[name]`: the compiled model's values, shape (...)). Write them in place,
+    for the worlds of your choice (torch.where, masked_fill_), then call reset() for those worlds, or
+    refresh_derived() if they are not reset: no host sync, so it may run inside a recorded step. The views exist
+    from construction on, before any step or CUDA graph is recorded, and are never reallocated, so graphs read the
+    values written into them. They belong to the state (get_state/set_state).
+
+    Derived constants. MuJoCo computes some model fields from others when it compiles a model (mj_setConst), and
+    MuJoCo Warp's step reads them as they are; MuJoCo Warp's own set_const recomputes them for every world at once.
+    - body_subtreemass (from body_mass): read at every step (subtree centres of mass, the origin of the com-based
+      frames). Made per-world with body_mass and recomputed for the refreshed worlds (refresh_derived).
+    - body_invweight0, dof_invweight0 (from masses, inertias, centres of mass, armature, at qpos0): they only scale
+      the constraints' regularization (contact, joint-limit and friction-loss softness). Kept at the compiled
+      model's values, as MuJoCo Playground's MJX randomization keeps them: MuJoCo Warp's set_const computes them
+      with one mass-matrix solve per dof and per body row (about 130 solves for the Go1), which would cost more than
+      a physics step at every reset step. The README measures what this changes (tests/dr_derived_constants.py).
+    - actuator_acc0: read by muscle actuators only.
+    Other fields that MuJoCo derives (geom bounds from geom_size, lengths at qpos0, ...) are not refreshed here:
+    randomize them only after checking what reads them.
     """
+
+    # Model fields that MuJoCo computes from a per-world field and that a step reads: made per-world along with it.
+    DERIVED_FIELDS = {"body_mass": ("body_subtreemass",)}
 
     def __init__(
         self,
@@ -396,6 +423,7 @@ class BatchedSim:
         njmax: int | None = None,
         contact_forces: bool = False,
         poses: bool = True,
+        per_world: tuple[str, ...] = (),
     ):
         if int(num_envs) < 1:
             raise UserError(f"the number of environments must be at least 1, got {num_envs}")
@@ -413,9 +441,19 @@ class BatchedSim:
             _share_stream(self.device, self.wp_device)
         auto_ncon, auto_njmax = contact_capacity(mjm)
         self.nconmax, self.njmax = int(nconmax or auto_ncon), int(njmax or auto_njmax)
+        derived = [f for name in per_world for f in self.DERIVED_FIELDS.get(name, ())]
+        batched = dict.fromkeys([*per_world, *derived])
         with wp.ScopedDevice(self.wp_device):
-            self.m = mjw.put_model(mjm)
+            self.m = mjw.put_model(mjm, batch_sizes={name: self.num_envs for name in batched})
             self.d = mjw.make_data(mjm, nworld=self.num_envs, nconmax=self.nconmax, njmax=self.njmax)
+        self.model = {name: wp.to_torch(getattr(self.m, name)) for name in batched}
+        self.nominal = {name: t[0].clone() for name, t in self.model.items()}
+        if "body_mass" in self.model:
+            # subtree[b, j] = 1 where body j is b or one of its descendants (bodies come after their parents).
+            subtree = np.eye(mjm.nbody, dtype=np.float32)
+            for j in range(mjm.nbody - 1, 0, -1):
+                subtree[mjm.body_parentid[j]] += subtree[j]
+            self._subtree = torch.tensor(subtree, device=self.device)
         self.m.opt.warn_overflow = 0  # overflows are counted per world on the device instead of printed
         self.contact_forces, self.poses = contact_forces, poses
 
@@ -448,6 +486,7 @@ class BatchedSim:
             )
             if getattr(d, name).size > 0
         }
+        self._state.update({f"model.{name}": t for name, t in self.model.items()})
         self._zero_on_reset = [
             wp.to_torch(a) for a in (d.qacc_warmstart, d.qacc, d.qfrc_applied, d.xfrc_applied, d.act) if a.size > 0
         ]
@@ -547,8 +586,20 @@ class BatchedSim:
             t.masked_fill_(mask.view(-1, *[1] * (t.dim() - 1)), 0.0)
         self._time.masked_fill_(mask, 0.0)
         self.overflow.masked_fill_(mask, 0)
+        self.refresh_derived(mask)
         if self.poses:
             self._kinematics()  # deterministic: untouched worlds get the very same poses back
+
+    def refresh_derived(self, mask: torch.Tensor) -> None:
+        """Recompute the derived model constants of the worlds in `mask` ((N,) bool) from their per-world fields:
+        body_subtreemass from body_mass (see the class docstring for the others). In place, no host sync; the
+        other worlds keep theirs bit for bit. Nothing to do without a per-world body_mass."""
+        if "body_mass" in self.model:
+            mass = self.model["body_mass"]
+            subtree_mass = (mass[:, None, :] * self._subtree).sum(dim=-1)  # elementwise: no TF32 matmul rounding
+            self.model["body_subtreemass"].copy_(
+                torch.where(mask[:, None], subtree_mass, self.model["body_subtreemass"])
+            )
 
     def _kinematics(self):
         with wp.ScopedDevice(self.wp_device):
@@ -564,11 +615,16 @@ class BatchedSim:
 
     def get_state(self) -> dict[str, torch.Tensor]:
         """A copy of everything the next step depends on (positions, velocities, controls, actuator states, the
-        solver's warm start, time, mocap poses, applied forces): set_state() of it continues bit for bit."""
+        solver's warm start, time, mocap poses, applied forces, the per-world model fields as "model.<name>"):
+        set_state() of it continues bit for bit."""
         return {name: t.clone() for name, t in self._state.items()}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a get_state(). Per-world model fields that `state` lacks (saved by a simulation without them) keep
+        their present values. Raises UserError when a saved tensor's shape differs from this simulation's."""
         for name, t in self._state.items():
+            if name.startswith("model.") and name not in state:
+                continue
             if state[name].shape != t.shape:
                 raise UserError(
                     f"saved simulation state {name} has shape {tuple(state[name].shape)}, this "
@@ -586,6 +642,9 @@ class BatchedSim:
 
     def site_id(self, name: str) -> int:
         return self._id(mujoco.mjtObj.mjOBJ_SITE, name)
+
+    def geom_id(self, name: str) -> int:
+        return self._id(mujoco.mjtObj.mjOBJ_GEOM, name)
 
     def _id(self, kind, name):
         i = mujoco.mj_name2id(self.mjm, kind, name)
@@ -1062,6 +1121,19 @@ def print_metrics(title: str, metrics: dict[str, float], units: dict[str, str]) 
     for k, v in metrics.items():
         value = f"{v:12.4f}" if isinstance(v, float) else f"{v!s:>12}"
         print(f"  {k:<{width}} {value} {units.get(k, '')}".rstrip())
+
+
+def print_metric_columns(title: str, columns: dict[str, dict[str, float]], units: dict[str, str]) -> None:
+    """Evaluations side by side (e.g. a nominal and a randomized model): one row per metric of the first column,
+    one column per evaluation, named by `columns`' keys."""
+    print(title)
+    names = list(next(iter(columns.values())))
+    width = max(len(k) for k in names)
+    print(f"  {'':<{width}} " + " ".join(f"{c:>12}" for c in columns))
+    for k in names:
+        values = [c[k] for c in columns.values()]
+        cells = " ".join(f"{v:12.4f}" if isinstance(v, float) else f"{v!s:>12}" for v in values)
+        print(f"  {k:<{width}} {cells} {units.get(k, '')}".rstrip())
 
 
 def check_wandb_login() -> None:

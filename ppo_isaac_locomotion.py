@@ -125,6 +125,19 @@ class Args:
     """joint target = home pose + action_scale * action (rad)"""
     solver: tuple[int, int] | None = None
     """Newton and line-search iterations per physics step instead of go1.xml's 4 and 8 (faster, less accurate)"""
+
+    # Robustness: the differences between this simulator and a robot (legged_gym's domain_rand and noise)
+    domain_rand: bool = True
+    """draw each environment's friction, masses, centre of mass, PD gains and joint friction and armature from
+    DOMAIN_RAND at each of its resets"""
+    push_interval_s: float = 15.0
+    """seconds of an episode between two pushes of a robot (0: no pushes)"""
+    push_vel: float = 1.0
+    """a push sets the trunk's velocity along x and along y to a uniform draw in [-push_vel, push_vel] m/s"""
+    obs_noise: bool = True
+    """add uniform noise of OBS_NOISE's scales to the policy's observations"""
+    action_delay: bool = False
+    """apply each action one policy step (20 ms) late, for a robot whose servos get their targets that late"""
     eval_interval: int = 100
     """iterations between two deterministic evaluations logged under eval/ (0: never)"""
     eval_envs: int = 1024
@@ -143,6 +156,13 @@ def check_args(args: Args) -> None:
         ec.check_pair(args, name)
     ec.check_range(args, "action_scale", 0, lo_open=True)
     ec.check_pair(args, "solver", lo=1, integer=True, ordered=False)
+    ec.check_range(args, "push_interval_s", 0, hint="0 turns pushes off")
+    if 0 < args.push_interval_s < POLICY_DT:
+        raise UserError(
+            f"--push-interval-s {args.push_interval_s}: give at least one policy step ({POLICY_DT} s), or 0 for no "
+            "pushes"
+        )
+    ec.check_range(args, "push_vel", 0, hint="legged_gym pushes at up to 1 m/s")
 
 
 if __name__ == "__main__":  # the command line first: --help and mistakes answer before torch, MuJoCo and Warp load
@@ -181,6 +201,48 @@ REWARD_SCALES = {
 TRACKING_SIGMA = 0.25
 STEADY_AFTER_S = 1.0  # tracking counts as steady-state from this long after a command change
 
+# Domain randomization (--domain-rand): every environment draws its own model at each of its resets, uniformly in
+# [low, high] (Isaac Gym and legged_gym draw once, when the environments are created). "x" multiplies go1.xml's
+# value, "+" adds to it, "=" sets it. The ranges of MuJoCo Playground's Go1 (locomotion/go1/randomize.py), of
+# legged_gym's LeggedRobotCfg.domain_rand and of Isaac Lab's velocity task (velocity_env_cfg.py), as cited.
+DOMAIN_RAND = {
+    # = the feet's sliding friction, one draw for the four; the feet's priority makes theirs the contacts' friction
+    # (go1.xml). legged_gym's friction_range (Playground draws its floor's in [0.4, 1.0]).
+    "foot_friction": (0.5, 1.25),
+    # x every body's mass and its inertia, as a uniform change of density would. Playground's Go1 (mass only).
+    "link_mass_scale": (0.9, 1.1),
+    # + kg on the trunk, a payload at its centre of mass. legged_gym's added_mass_range, Playground's Go1.
+    "trunk_added_mass": (-1.0, 1.0),
+    # + m to the trunk's centre of mass along x and y, and along z. Isaac Lab's base_com.
+    "trunk_com_xy": (-0.05, 0.05),
+    "trunk_com_z": (-0.01, 0.01),
+    # x each servo's stiffness kp. MuJoCo Playground's K1 (locomotion/k1/randomize.py, "joint stiffness").
+    "kp_scale": (0.9, 1.1),
+    # x each servo's damping kd: the joints' damping here (go1.xml sets joint damping 0: the servo's kv damps, as in
+    # Playground's Go1). The kp range: no peer publishes a kd range for the Go1.
+    "kd_scale": (0.9, 1.1),
+    # x each joint's friction loss (static friction). Playground's Go1.
+    "joint_friction_scale": (0.9, 1.1),
+    # x each joint's armature (the reflected inertia of its rotor). Playground's Go1.
+    "armature_scale": (1.0, 1.05),
+}
+
+# Observation noise (--obs-noise): each observation gets a uniform draw in [-s, s] at every step, s per group in
+# the observation's own units. legged_gym's noise_scales at its noise_level 1.0 (it multiplies them by the same
+# obs_scales as its observations, so in raw units they are these). Commands and the last actions are the policy's
+# own: noiseless. The critic sees the same noisy observations as the actor, as in legged_gym: a critic with clean
+# ones (Isaac Lab, mjlab: an asymmetric actor-critic) would need a second observation through the rollout storage,
+# the time-out bootstrap and the recorded step, and legged_gym trains its quadrupeds with noise without it.
+OBS_NOISE = {
+    "lin_vel": 0.1,  # m/s
+    "ang_vel": 0.2,  # rad/s
+    "gravity": 0.05,  # projected gravity (a unit vector)
+    "commands": 0.0,
+    "dof_pos": 0.01,  # rad
+    "dof_vel": 1.5,  # rad/s
+    "actions": 0.0,
+}
+
 
 @dataclass
 class Go1Config:
@@ -194,6 +256,11 @@ class Go1Config:
     only_positive_rewards: bool
     action_scale: float
     solver: tuple[int, int] | None
+    domain_rand: bool
+    push_interval_s: float
+    push_vel: float
+    obs_noise: bool
+    action_delay: bool
 
     @classmethod
     def from_args(cls, args: Args) -> Go1Config:
@@ -213,6 +280,11 @@ class Go1Env:
       [12:24] joint positions minus the home pose (rad)   [24:36] joint velocities (rad/s)
       [36:48] last actions
     Actions: one per actuator (the model's nu), joint target = home pose + action_scale * action.
+
+    Robustness (each a Go1Config switch): with domain_rand, the simulator's per-world model fields (BatchedSim.model)
+    are drawn from DOMAIN_RAND for each environment at each of its resets; pushes set the trunk's horizontal
+    velocity every push_interval_s of an episode; obs_noise adds OBS_NOISE to the observations the policy gets
+    (obs_noise holds the last draw); action_delay applies each action one step late.
     """
 
     def __init__(self, num_envs: int, device: torch.device, cfg: Go1Config | None = None):
@@ -223,12 +295,31 @@ class Go1Env:
             mjm.opt.iterations, mjm.opt.ls_iterations = cfg.solver
         # Contact forces: for feet air time, collisions and falls. No body poses: nothing here reads them.
         decimation = max(1, round(POLICY_DT / mjm.opt.timestep))
-        self.sim = s = ec.BatchedSim(mjm, num_envs, device, decimation=decimation, contact_forces=True, poses=False)
+        per_world = (
+            "geom_friction",
+            "body_mass",
+            "body_inertia",
+            "body_ipos",
+            "actuator_gainprm",
+            "actuator_biasprm",
+            "dof_frictionloss",
+            "dof_armature",
+        )
+        self.sim = s = ec.BatchedSim(
+            mjm,
+            num_envs,
+            device,
+            decimation=decimation,
+            contact_forces=True,
+            poses=False,
+            per_world=per_world if cfg.domain_rand else (),
+        )
         self.num_actions = nu = mjm.nu
         self.num_obs = 12 + 3 * nu
         self.dt = mjm.opt.timestep * decimation
         self.max_episode_length = int(round(cfg.episode_length_s / self.dt))
         self.resample_steps = max(1, int(round(cfg.command_resample_s / self.dt)))
+        self.push_steps = max(1, int(round(cfg.push_interval_s / self.dt))) if cfg.push_interval_s > 0 else 0
         # Views into the simulator (Isaac Gym: the root state tensor and the DOF state tensor).
         self.root_pos, self.root_quat = s.qpos[:, 0:3], s.qpos[:, 3:7]
         self.root_lin_vel_w, self.root_ang_vel_b = s.qvel[:, 0:3], s.qvel[:, 3:6]  # MuJoCo: angular in body frame
@@ -255,6 +346,15 @@ class Go1Env:
         ranges = (cfg.lin_vel_x_range, cfg.lin_vel_y_range, cfg.ang_vel_yaw_range)
         self.command_lo = torch.tensor([r[0] for r in ranges], device=device)
         self.command_hi = torch.tensor([r[1] for r in ranges], device=device)
+        # Domain randomization's constants, on the device (a recorded step copies nothing from the host).
+        self.foot_geoms = torch.tensor([s.geom_id(f) for f in FEET], device=device)
+        com_xy, com_z = DOMAIN_RAND["trunk_com_xy"], DOMAIN_RAND["trunk_com_z"]
+        self.com_lo = torch.tensor([com_xy[0], com_xy[0], com_z[0]], device=device)
+        self.com_hi = torch.tensor([com_xy[1], com_xy[1], com_z[1]], device=device)
+        # The noise scale of each observation, in _observe's order.
+        sizes = {"lin_vel": 3, "ang_vel": 3, "gravity": 3, "commands": 3, "dof_pos": nu, "dof_vel": nu, "actions": nu}
+        self.noise_scale = torch.cat([torch.full((n,), OBS_NOISE[g], device=device) for g, n in sizes.items()])
+        assert self.noise_scale.numel() == self.num_obs
 
         def z(*shape, dtype=torch.float32):
             return torch.zeros(num_envs, *shape, dtype=dtype, device=device)
@@ -264,6 +364,7 @@ class Go1Env:
         self.commands, self.command_age = z(3), z(dtype=torch.long)
         self.feet_air_time, self.last_contacts = z(len(FEET)), z(len(FEET), dtype=torch.bool)
         self.episode_length, self.episode_return = z(dtype=torch.long), z()
+        self.obs_noise = z(self.num_obs)  # the noise of the last observations returned (zero without obs_noise)
         # Computed once per step, read by several reward terms (legged_gym's post_physics_step).
         self.base_lin_vel, self.projected_gravity = z(3), z(3)
         self.foot_contact, self.leg_contact = z(len(FEET), dtype=torch.bool), z(len(LEG_LINKS), dtype=torch.bool)
@@ -297,6 +398,7 @@ class Go1Env:
         "last_contacts",
         "episode_length",
         "episode_return",
+        "obs_noise",
     )
 
     def state_dict(self) -> dict:
@@ -307,7 +409,8 @@ class Go1Env:
         }
 
     def load_state_dict(self, state: dict) -> torch.Tensor:
-        """Restore a state_dict() and return the observations it gives."""
+        """Restore a state_dict() and return the observations it gives (their noise included: the same as the
+        policy got when the state was saved)."""
         self.sim.set_state(state["sim"])
         for k, v in self.episode_sums.items():
             v.copy_(state["episode_sums"][k])
@@ -315,7 +418,7 @@ class Go1Env:
             if k in state:
                 getattr(self, k).copy_(state[k])
         self._refresh_base_state()
-        return self._observe()
+        return self._observe() + self.obs_noise if self.cfg.obs_noise else self._observe()
 
     # ------------------------------------------------------------------------------------------------------------
     def _rand(self, *shape, lo=0.0, hi=1.0):
@@ -333,6 +436,8 @@ class Go1Env:
         if mask is None:
             mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         n, s = self.num_envs, self.sim
+        if self.cfg.domain_rand:
+            self._randomize_model(mask)  # s.reset() below refreshes the constants MuJoCo derives from it
         qpos = s.default_qpos.expand(n, -1).clone()
         qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-math.pi, hi=math.pi))  # any heading
         qpos[:, 7:] = self._rand(
@@ -349,7 +454,43 @@ class Go1Env:
         self.episode_length.masked_fill_(mask, 0)
         self._sample_commands(mask)
         self._refresh_base_state()
-        return self._observe()
+        return self._add_obs_noise(self._observe())
+
+    def _randomize_model(self, mask: torch.Tensor) -> None:
+        """Draw a model for every environment from DOMAIN_RAND and write it into the simulator's per-world fields
+        for those in `mask` (in place; the others keep theirs bit for bit). legged_gym's _process_rigid_shape_props
+        and _process_rigid_body_props, there once at creation."""
+        n, nom, field, nbody, nv = self.num_envs, self.sim.nominal, self.sim.model, self.sim.mjm.nbody, self.sim.mjm.nv
+
+        def draw(key, *shape):  # (n, *shape) uniform draws in DOMAIN_RAND[key]
+            return self._rand(n, *shape, lo=DOMAIN_RAND[key][0], hi=DOMAIN_RAND[key][1])
+
+        def write(name, value):
+            t = field[name]
+            t.copy_(torch.where(mask.view(-1, *[1] * (t.dim() - 1)), value, t))
+
+        friction = nom["geom_friction"].repeat(n, 1, 1)  # (n, ngeom, 3): sliding, torsional, rolling
+        friction[:, self.foot_geoms, 0] = draw("foot_friction", 1)
+        write("geom_friction", friction)
+        scale = draw("link_mass_scale", nbody)
+        mass = nom["body_mass"] * scale
+        mass[:, self.trunk] += draw("trunk_added_mass")
+        write("body_mass", mass)
+        write("body_inertia", nom["body_inertia"] * scale[..., None])
+        ipos = nom["body_ipos"].repeat(n, 1, 1)
+        ipos[:, self.trunk] += self._rand(n, 3, lo=self.com_lo, hi=self.com_hi)
+        write("body_ipos", ipos)
+        # A position servo: force = kp * (target - q) - kd * qdot, as gainprm[0] = kp, biasprm[1] = -kp, biasprm[2]
+        # = -kd (MuJoCo's <position>).
+        kp, kd = draw("kp_scale", self.num_actions), draw("kd_scale", self.num_actions)
+        gain, bias = nom["actuator_gainprm"].repeat(n, 1, 1), nom["actuator_biasprm"].repeat(n, 1, 1)
+        gain[..., 0] *= kp
+        bias[..., 1] *= kp
+        bias[..., 2] *= kd
+        write("actuator_gainprm", gain)
+        write("actuator_biasprm", bias)
+        write("dof_frictionloss", nom["dof_frictionloss"] * draw("joint_friction_scale", nv))
+        write("dof_armature", nom["dof_armature"] * draw("armature_scale", nv))
 
     def desynchronize(self) -> None:
         """Start every environment at a random point of its episode (legged_gym's init_at_random_ep_len), so that
@@ -370,6 +511,26 @@ class Go1Env:
             dim=-1,
         )
 
+    def _add_obs_noise(self, obs: torch.Tensor) -> torch.Tensor:
+        """`obs` (num_envs, num_obs) plus uniform noise of OBS_NOISE's scales with --obs-noise (legged_gym's
+        add_noise), else `obs` itself. The draw is kept in obs_noise, so that a resumed run gets back the very
+        observations the policy acted on."""
+        if not self.cfg.obs_noise:
+            return obs
+        self.obs_noise.copy_(self._rand(self.num_envs, self.num_obs, lo=-1.0, hi=1.0) * self.noise_scale)
+        return obs + self.obs_noise
+
+    def _push_robots(self) -> None:
+        """legged_gym's push_robots: the trunk's world-frame velocity along x and along y set to a uniform draw in
+        [-push_vel, push_vel], for the environments whose episode has run a whole number of push intervals.
+        legged_gym pushes all environments at once on a global step counter; here each environment's own episode
+        clock decides (a Python counter would be frozen into a recorded CUDA graph), so that, with episodes
+        desynchronized, pushes are spread over the rollout instead of all robots staggering at once."""
+        due = (self.episode_length > 0) & (self.episode_length % self.push_steps == 0)
+        kick = self._rand(self.num_envs, 2, lo=-self.cfg.push_vel, hi=self.cfg.push_vel)
+        velocity = self.root_lin_vel_w[:, :2]  # a view of the simulator's qvel
+        velocity.copy_(torch.where(due[:, None], kick, velocity))
+
     def _refresh_base_state(self) -> None:
         self.base_lin_vel.copy_(ec.quat_rotate_inverse(self.root_quat, self.root_lin_vel_w))
         self.projected_gravity.copy_(ec.projected_gravity(self.root_quat))
@@ -382,7 +543,11 @@ class Go1Env:
 
         State is written in place only and nothing branches on tensor values, so that a CUDA graph can replay it."""
         self.actions.copy_(actions.clamp(-100.0, 100.0))  # legged_gym's clip_actions
-        self.sim.ctrl.copy_(self.default_dof_pos + self.cfg.action_scale * self.actions)  # PD targets
+        # --action-delay: the servos get the previous step's action (last_actions: zero at an episode's start).
+        applied = self.last_actions if self.cfg.action_delay else self.actions
+        self.sim.ctrl.copy_(self.default_dof_pos + self.cfg.action_scale * applied)  # PD targets
+        if self.push_steps:  # a Python int of the config: no device sync
+            self._push_robots()
         self.sim.step()
         self._refresh_base_state()
         self.episode_length += 1
@@ -406,7 +571,8 @@ class Go1Env:
         self.last_actions.copy_(self.actions)
         self.last_dof_vel.copy_(self.dof_vel)
 
-        final_obs = torch.where(self.broken[:, None], 0.0, self._observe())  # NaN * 0 is NaN: select, never multiply
+        # NaN * 0 is NaN: select, never multiply.
+        final_obs = torch.where(self.broken[:, None], 0.0, self._add_obs_noise(self._observe()))
         done = self.terminated | self.broken
         obs = self.reset(done | truncated)
         return obs, reward, done, truncated, final_obs
@@ -996,14 +1162,20 @@ def main(args: Args) -> None:
                 },
                 global_step,
             )
-            print(
-                f"  eval: v err {last_eval['lin_vel_error']:.3f} m/s (steady {last_eval['lin_vel_error_steady']:.3f})"
-                f" | yaw err {last_eval['yaw_rate_error']:.3f} rad/s | falls {last_eval['fall_rate']:.3f} "
-                f"(95% CI {last_eval['fall_rate_ci95_low']:.3f}-{last_eval['fall_rate_ci95_high']:.3f}, "
-                f"{last_eval['episodes']} episodes) | at {ec.duration(t0 - PROCESS_START)} "
-                f"({ec.duration(t0 - PROCESS_START - eval_time)} without evaluations)",
-                flush=True,
-            )
+            for model, x in (("nominal", ""), ("randomized", "_randomized")):  # x: the metrics' suffix
+                print(
+                    f"  eval {model:>10}: v err {last_eval['lin_vel_error' + x]:.3f} m/s (steady "
+                    f"{last_eval['lin_vel_error_steady' + x]:.3f}) | yaw err {last_eval['yaw_rate_error' + x]:.3f} "
+                    f"rad/s | falls {last_eval['fall_rate' + x]:.3f} (95% CI {last_eval['fall_rate_ci95_low' + x]:.3f}"
+                    f"-{last_eval['fall_rate_ci95_high' + x]:.3f}, {last_eval['episodes' + x]} episodes)"
+                    + (
+                        f" | at {ec.duration(t0 - PROCESS_START)} ({ec.duration(t0 - PROCESS_START - eval_time)} "
+                        "without evaluations)"
+                        if x
+                        else ""
+                    ),
+                    flush=True,
+                )
             eval_time += time.time() - t0
         if iteration % args.save_interval == 0 or last or stop.signal is not None:
             # Everything needed to go on exactly as if never stopped: the environments and every generator included.
@@ -1083,7 +1255,12 @@ def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
         flush=True,
     )
     metrics = evaluate(agent, normalizer, device, args, args.num_envs)
-    ec.print_metrics("evaluation (deterministic policy)", metrics, EVAL_UNITS)
+    nominal = {k: v for k, v in metrics.items() if not k.endswith("_randomized")}
+    ec.print_metric_columns(
+        "evaluation (deterministic policy): go1.xml as compiled, and randomized with pushes and noise",
+        {"nominal": nominal, "randomized": {k: metrics[k + "_randomized"] for k in nominal}},
+        EVAL_UNITS,
+    )
     out = ec.run_dir_of(args.checkpoint) / "eval.json"
     ec.write_json(out, {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics})
     print(f"wrote {out}")
@@ -1096,30 +1273,42 @@ def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
 @torch.no_grad()
 def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, float]:
     """The deterministic policy on fresh environments and commands for eval_episodes episode lengths (a robot that
-    falls starts a new episode). Tracking errors overall and steady-state; falls with a 95% Wilson interval."""
-    with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's rng untouched
-        env = Go1Env(num_envs, device, Go1Config.from_args(args))
-        obs = env.reset()
-
-        def eval_step():
-            obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
-
-        run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
-        for _ in range(env.max_episode_length * args.eval_episodes):
-            run_eval_step()
-        s = env.pop_stats()
-    low, high = ec.wilson_interval(s["falls"], s["episodes"])
-    return {
-        "lin_vel_error": s["lin_vel_error"],
-        "lin_vel_error_steady": s["lin_vel_error_steady"],
-        "yaw_rate_error": s["yaw_rate_error"],
-        "yaw_rate_error_steady": s["yaw_rate_error_steady"],
-        "fall_rate": s.get("fall_rate", 0.0),
-        "fall_rate_ci95_low": low,
-        "fall_rate_ci95_high": high,
-        "episodes": int(s["episodes"]),
-        "episode_length_s": s.get("episodic_length_s", 0.0),
+    falls starts a new episode), twice: on the nominal model (go1.xml as compiled, no pushes, noiseless
+    observations), under the metrics' plain names, and on the randomized one (DOMAIN_RAND drawn at every reset, with
+    the task's pushes and observation noise), under the same names ending in "_randomized". Action delay, if the
+    task has it, in both. Tracking errors overall and steady-state; falls with a 95% Wilson interval."""
+    task = Go1Config.from_args(args)
+    conditions = {
+        "": dataclasses.replace(task, domain_rand=False, push_interval_s=0.0, obs_noise=False),
+        "_randomized": dataclasses.replace(task, domain_rand=True),
     }
+    metrics = {}
+    for suffix, cfg in conditions.items():
+        with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's untouched
+            env = Go1Env(num_envs, device, cfg)
+            obs = env.reset()
+
+            def eval_step(env=env, obs=obs):
+                obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
+
+            run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
+            for _ in range(env.max_episode_length * args.eval_episodes):
+                run_eval_step()
+            s = env.pop_stats()
+        low, high = ec.wilson_interval(s["falls"], s["episodes"])
+        one = {
+            "lin_vel_error": s["lin_vel_error"],
+            "lin_vel_error_steady": s["lin_vel_error_steady"],
+            "yaw_rate_error": s["yaw_rate_error"],
+            "yaw_rate_error_steady": s["yaw_rate_error_steady"],
+            "fall_rate": s.get("fall_rate", 0.0),
+            "fall_rate_ci95_low": low,
+            "fall_rate_ci95_high": high,
+            "episodes": int(s["episodes"]),
+            "episode_length_s": s.get("episodic_length_s", 0.0),
+        }
+        metrics.update({k + suffix: v for k, v in one.items()})
+    return metrics
 
 
 @torch.no_grad()

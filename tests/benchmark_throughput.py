@@ -23,6 +23,11 @@ its position actuators as PD control): environment steps per second of MuJoCo's 
 (`mujoco.mj_step`, one environment), of MuJoCo's C engine on every CPU core (`mujoco.rollout`, its own
 multi-threaded batch stepping), of MuJoCo Warp under the same random joint targets, and of this project's training
 (the rows above). Locomotion only.
+
+With the locomotion script's defaults (--domain-rand, pushes, observation noise), every world has a model of its own
+in all three: the physics is timed with the randomized models (a reset draws them, then the robots are put back at
+their home pose for the first measurement; the second keeps the models the iterations left), so the ratios compare
+training with the physics of the same randomized model. `--set domain_rand 0` measures the compiled model instead.
 """
 
 from __future__ import annotations
@@ -83,8 +88,15 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
     ec.seed_everything(args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    env = env_cls(num_envs, device, config_cls.from_args(args))
+    config = config_cls.from_args(args)
+    env = env_cls(num_envs, device, config)
     T = args.num_steps
+    if getattr(config, "domain_rand", False):
+        # Each world's own model, as training draws them (a reset does), with every robot back at its home pose.
+        env.reset()
+        everyone = torch.ones(num_envs, dtype=torch.bool, device=device)
+        sim = env.sim
+        sim.reset(everyone, sim.default_qpos.expand(num_envs, -1), ctrl=sim.default_ctrl.expand(num_envs, -1))
 
     # Physics only at the start: every robot at its home pose, its controls held (cheap: few contacts, a solver
     # that converges in an iteration or two).
@@ -212,6 +224,7 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
         "update_ms_per_iteration": 1e3 * update_iter,
         "first_two_iterations_s": first_iterations_s,
         "episodes_seen": stats.get("episodes", 0.0),
+        "domain_rand": bool(getattr(config, "domain_rand", False)),
     }
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -458,7 +471,7 @@ def main():
     print(
         f"{opts.task} on {name} ({device}), cudagraphs={opts.cudagraphs and on_gpu}, "
         f"compile={opts.compile and on_gpu and opts.compile_parts}, tf32={opts.tf32}, bf16={opts.bf16 and on_gpu}, "
-        f"solver={opts.solver or 'as in the asset'}, "
+        f"solver={opts.solver or 'as in the asset'}, script args {dict(opts.script_args) or 'defaults'}, "
         f"{opts.iterations} timed iterations per size",
         flush=True,
     )

@@ -67,7 +67,10 @@ CASES = [
     ),
     ("more-envs-than-memory", ["--device", "cpu", "--num-envs", "1000000000"], {}, ["GiB", "use --num-envs"]),
 ]
-LOCOMOTION_ONLY = [("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"])]
+LOCOMOTION_ONLY = [
+    ("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"]),
+    ("push-within-a-step", [*CPU, "--push-interval-s", "0.001"], {}, ["--push-interval-s", "0 for no pushes"]),
+]
 REACH_ONLY = [
     (
         "unknown-control-type",
@@ -125,6 +128,8 @@ TASK_DOMAINS = {
         "command_resample_s": "0",
         "action_scale": "0",
         "solver": ["4", "0"],
+        "push_interval_s": "-1",
+        "push_vel": "-0.5",
     },
     "reach": {
         "control_type": "velocity",
@@ -148,6 +153,9 @@ NO_BAD_VALUE = {
     "norm_adv",
     "clip_vloss",
     "only_positive_rewards",
+    "domain_rand",
+    "obs_noise",
+    "action_delay",
 }
 FLAG_NAMES = {"device": "device", "checkpoint": "checkpoint"}  # messages that name the problem without the flag
 FIELD_CASES = []

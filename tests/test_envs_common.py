@@ -1,6 +1,7 @@
 """The shared simulation layer against references: MuJoCo's C engine, MuJoCo's own quaternion functions, and
 hand-checked invariants (resets, standing, overflow detection, errors). Real physics on the CPU."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -76,6 +77,87 @@ def test_batched_sim_matches_mujoco_c(model):
         mujoco.mj_kinematics(mjm, data)
         assert np.abs(sim.xpos[i].double().cpu().numpy() - data.xpos).max() < tol
     assert not sim.overflowed().any()
+
+
+# Per-world model fields (domain randomization): each world steps with its own model, as mj_step does with that
+# world's values. The C model gets the same fields (float32 values, as the world holds them) and MuJoCo's own
+# body_subtreemass for them (mj_setConst of a copy); the constants BatchedSim keeps at the compiled values
+# (body_invweight0, dof_invweight0: see its docstring) stay at them in the C model too.
+PER_WORLD = (
+    "geom_friction",
+    "body_mass",
+    "body_inertia",
+    "body_ipos",
+    "actuator_gainprm",
+    "actuator_biasprm",
+    "dof_frictionloss",
+    "dof_damping",
+    "dof_armature",
+)
+
+
+def test_per_world_model_fields_match_mujoco_c():
+    mjm = ec.load_model(ASSETS["go1"])
+    n, steps = 3, 200
+    gen = torch.Generator().manual_seed(4)
+    sim = ec.BatchedSim(mjm, n, DEVICE, decimation=1, per_world=PER_WORLD)
+    assert sim.model["body_subtreemass"].shape == (n, mjm.nbody), "body_mass brings its subtree masses along"
+    for name in PER_WORLD:
+        assert sim.model[name].shape[0] == n and torch.equal(sim.model[name][0], sim.nominal[name])
+
+    def u(*shape, lo, hi):
+        return (lo + (hi - lo) * torch.rand(*shape, generator=gen)).to(DEVICE)
+
+    # World 0 keeps the compiled model; worlds 1 and 2 get large changes, so that a world stepping with another
+    # world's values would be far off.
+    field, w = sim.model, slice(1, n)
+    field["geom_friction"][w, :, 0] *= u(n - 1, mjm.ngeom, lo=0.5, hi=1.5)
+    scale = u(n - 1, mjm.nbody, lo=0.7, hi=1.3)
+    field["body_mass"][w] *= scale
+    field["body_mass"][w, 1] += 1.5
+    field["body_inertia"][w] *= scale[..., None]
+    field["body_ipos"][w, 1] += u(n - 1, 3, lo=-0.04, hi=0.04)
+    kp = u(n - 1, mjm.nu, lo=0.7, hi=1.3)
+    field["actuator_gainprm"][w, :, 0] *= kp
+    field["actuator_biasprm"][w, :, 1] *= kp
+    field["actuator_biasprm"][w, :, 2] *= u(n - 1, mjm.nu, lo=0.5, hi=2.0)
+    field["dof_frictionloss"][w] *= u(n - 1, mjm.nv, lo=0.5, hi=1.5)
+    field["dof_damping"][w, 6:] += u(n - 1, mjm.nv - 6, lo=0.0, hi=0.5)
+    field["dof_armature"][w] *= u(n - 1, mjm.nv, lo=1.0, hi=1.5)
+    qpos = sim.default_qpos.expand(n, -1).clone()
+    qpos[:, 2] += 0.03  # dropped onto its feet: contacts form during the test
+    ctrl = sim.default_ctrl + 0.1 * torch.randn(n, mjm.nu, generator=gen).to(DEVICE)
+    sim.reset(torch.ones(n, dtype=torch.bool, device=DEVICE), qpos, ctrl=ctrl)  # also refreshes the subtree masses
+
+    models = []
+    for i in range(n):
+        m = copy.deepcopy(mjm)
+        for name in PER_WORLD:
+            getattr(m, name)[:] = field[name][i].double().cpu().numpy().reshape(getattr(m, name).shape)
+        scratch = copy.deepcopy(m)
+        mujoco.mj_setConst(scratch, mujoco.MjData(scratch))
+        np.testing.assert_allclose(field["body_subtreemass"][i].cpu().numpy(), scratch.body_subtreemass, rtol=1e-6)
+        m.body_subtreemass[:] = scratch.body_subtreemass
+        models.append(m)
+    refs = [_c_data_from_world(mjm, sim, i) for i in range(n)]
+    perturbed = [_c_data_from_world(mjm, sim, i) for i in range(n)]
+    nominal = [_c_data_from_world(mjm, sim, i) for i in range(n)]  # each world's start in the compiled model
+    for data in perturbed:
+        data.qpos[7:] += PERTURBATION
+    for _ in range(steps):
+        sim.step()
+        for i in range(n):
+            for m, data in ((models[i], refs[i]), (models[i], perturbed[i]), (mjm, nominal[i])):
+                mujoco.mj_step(m, data)
+    for i in range(n):
+        got = sim.qpos[i].double().cpu().numpy()
+        err = np.abs(got - refs[i].qpos).max()
+        tol = max(QPOS_TOL["go1"], CHAOS_FACTOR * np.abs(perturbed[i].qpos - refs[i].qpos).max())
+        off = np.abs(got - nominal[i].qpos).max()
+        print(f"world {i}: |qpos - mj_step| {err:.1e} (tolerance {tol:.0e}); from the compiled model's {off:.1e}")
+        assert err < tol, f"world {i}: |qpos - mj_step qpos| = {err:.2e} after {steps} steps"
+        if i > 0:
+            assert off > 5 * tol, f"world {i}: its own model changed its motion by only {off:.1e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -152,9 +152,13 @@ def test_eval_prints_the_task_metrics(trained_run, rendering_problem):
         "fall_rate_ci95_high",
         "episode_length_s",
     ):
-        assert key in out.stdout and math.isfinite(metrics[key])
-    assert 0.0 <= metrics["fall_rate_ci95_low"] <= metrics["fall_rate"] <= metrics["fall_rate_ci95_high"] <= 1.0
-    assert metrics["episodes"] >= 4
+        assert key in out.stdout and math.isfinite(metrics[key]) and math.isfinite(metrics[key + "_randomized"])
+    for x in ("", "_randomized"):  # the nominal model, then the randomized one (with pushes and noise)
+        assert (
+            0.0 <= metrics[f"fall_rate_ci95_low{x}"] <= metrics[f"fall_rate{x}"] <= metrics[f"fall_rate_ci95_high{x}"]
+        )
+        assert metrics[f"fall_rate_ci95_high{x}"] <= 1.0 and metrics[f"episodes{x}"] >= 4
+    assert "nominal" in out.stdout and "randomized" in out.stdout
 
 
 def test_export_matches_the_scripts_own_policy(trained_run):
@@ -311,3 +315,157 @@ def test_steady_state_error_leaves_out_the_second_after_a_command_change(env):
     stats = env.pop_stats()
     assert stats["lin_vel_error"] == pytest.approx((steady_from - 1) / (steady_from + 10))
     assert stats["lin_vel_error_steady"] == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Robustness: domain randomization, pushes, observation noise, action delay (the environment on the CPU)
+# ---------------------------------------------------------------------------------------------------------------
+def make_env(n, **overrides):
+    return loco.Go1Env(n, torch.device("cpu"), loco.Go1Config.from_args(loco.Args(**overrides)))
+
+
+def within(x, bounds, name):
+    lo, hi = bounds
+    assert (x >= lo - 1e-5).all() and (x <= hi + 1e-5).all(), f"{name} outside [{lo}, {hi}]: {x.min()}, {x.max()}"
+    assert x.unique().numel() == x.numel(), f"{name}: worlds share a draw"
+
+
+def test_domain_randomization_draws_each_world_a_model_and_redraws_only_reset_worlds():
+    """Every randomized quantity differs between worlds and lies in its DOMAIN_RAND range; the subtree masses follow
+    the masses; a reset of two worlds draws theirs anew and leaves the others' fields bit for bit."""
+    torch.manual_seed(0)
+    n = 12
+    env = make_env(n)  # the defaults: --domain-rand
+    env.reset()
+    field, nom, r, trunk = env.sim.model, env.sim.nominal, loco.DOMAIN_RAND, env.trunk
+    friction = field["geom_friction"][:, env.foot_geoms, 0]
+    assert (friction == friction[:, :1]).all(), "the four feet share one friction"
+    within(friction[:, 0], r["foot_friction"], "foot friction")
+    scale = field["body_inertia"][:, 1:, 0] / nom["body_inertia"][1:, 0]  # each body's mass and inertia scale
+    within(scale[:, 0], r["link_mass_scale"], "mass scale")
+    torch.testing.assert_close(field["body_inertia"][:, 1:], nom["body_inertia"][1:] * scale[..., None])
+    torch.testing.assert_close(field["body_mass"][:, 2:], nom["body_mass"][2:] * scale[:, 1:])
+    within(field["body_mass"][:, trunk] - nom["body_mass"][trunk] * scale[:, 0], r["trunk_added_mass"], "payload")
+    offset = field["body_ipos"][:, trunk] - nom["body_ipos"][trunk]
+    within(offset[:, 0], r["trunk_com_xy"], "com x")
+    within(offset[:, 2], r["trunk_com_z"], "com z")
+    assert torch.equal(field["body_ipos"][:, trunk + 1 :], nom["body_ipos"][trunk + 1 :].expand(n, -1, -1))
+    kp = field["actuator_gainprm"][..., 0] / nom["actuator_gainprm"][:, 0]
+    within(kp[:, 0], r["kp_scale"], "kp")
+    assert torch.equal(field["actuator_biasprm"][..., 1], -field["actuator_gainprm"][..., 0])
+    within(field["actuator_biasprm"][:, 0, 2] / nom["actuator_biasprm"][0, 2], r["kd_scale"], "kd")
+    within(field["dof_frictionloss"][:, 6] / nom["dof_frictionloss"][6], r["joint_friction_scale"], "frictionloss")
+    within(field["dof_armature"][:, 6] / nom["dof_armature"][6], r["armature_scale"], "armature")
+    torch.testing.assert_close(field["body_subtreemass"][:, 0], field["body_mass"].sum(dim=1))
+    torch.testing.assert_close(field["body_subtreemass"][:, trunk], field["body_mass"][:, trunk:].sum(dim=1))
+
+    before = {k: v.clone() for k, v in field.items()}
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[[2, 5]] = True
+    env.reset(mask)
+    for k, v in field.items():
+        assert torch.equal(v[~mask], before[k][~mask]), f"{k} changed in worlds that were not reset"
+        assert (v[mask] != before[k][mask]).flatten(1).any(dim=1).all(), f"{k} not redrawn in a reset world"
+    assert make_env(2, domain_rand=False).sim.model == {}, "--no-domain-rand: the compiled model, shared"
+
+
+def test_randomized_pushed_noisy_delayed_environment_resumes_bit_for_bit():
+    """state_dict() of an environment with everything on (randomized models, pushes every 3 steps, noise, delay,
+    short episodes so that worlds reset and redraw) loaded into a fresh one: the same observations, rewards and
+    models step for step."""
+    overrides = dict(episode_length_s=0.2, push_interval_s=0.06, action_delay=True)
+    actions = torch.randn(16, 6, 12, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)
+    a = make_env(6, **overrides)
+    obs = a.reset()
+    a.desynchronize()
+    for t in range(5):
+        obs = a.step(actions[t])[0]
+    state, rng = a.state_dict(), torch.get_rng_state()
+    straight = [a.step(actions[t])[:2] for t in range(5, 16)]
+    b = make_env(6, **overrides)
+    torch.set_rng_state(rng)
+    assert torch.equal(b.load_state_dict(state), obs), "the observations the policy acted on, noise included"
+    for t in range(5, 16):
+        got = b.step(actions[t])[:2]
+        for x, y in zip(got, straight[t - 5]):
+            assert torch.equal(x, y), f"step {t}"
+    for k, v in a.sim.model.items():
+        assert torch.equal(v, b.sim.model[k]), k
+    assert a.stats["episodes"].sum() > 0, "no episode ended: resets (and their redraws) were not exercised"
+
+
+def test_a_push_changes_only_the_pushed_worlds_velocity():
+    """Twin environments, one pushing every 5 steps: after one step in which worlds 1 and 3 are due (their episodes
+    have run 5 and 10 steps), only their trunk velocities differ, and a push itself sets the horizontal velocity of
+    the due worlds to draws within +-push_vel and nothing else."""
+    n, vel = 5, 0.7
+    twins = []
+    for push_s in (0.1, 0.0):
+        torch.manual_seed(2)
+        env = make_env(n, push_interval_s=push_s, push_vel=vel, obs_noise=False)
+        env.reset()
+        env.episode_length.copy_(torch.tensor([3, 5, 7, 10, 0]))
+        twins.append(env)
+    pushed, plain = twins
+    due = torch.tensor([False, True, False, True, False])
+    for env in twins:
+        env.step(torch.zeros(n, 12))
+    assert torch.equal(pushed.sim.qvel[~due], plain.sim.qvel[~due]), "a world that was not due moved otherwise"
+    assert torch.equal(pushed.sim.qpos[~due], plain.sim.qpos[~due])
+    assert ((pushed.sim.qvel[due, :2] - plain.sim.qvel[due, :2]).abs() > 1e-3).all(), "the due worlds were not pushed"
+
+    pushed.episode_length.copy_(torch.tensor([5, 5, 4, 15, 0]))
+    due = torch.tensor([True, True, False, True, False])
+    qpos, qvel = pushed.sim.qpos.clone(), pushed.sim.qvel.clone()
+    pushed._push_robots()
+    assert torch.equal(pushed.sim.qpos, qpos) and torch.equal(pushed.sim.qvel[~due], qvel[~due])
+    assert torch.equal(pushed.sim.qvel[due, 2:], qvel[due, 2:]), "only the horizontal velocity is set"
+    kicks = pushed.sim.qvel[due, :2]
+    assert (kicks.abs() <= vel).all() and (kicks != qvel[due, :2]).all()
+
+
+def test_observation_noise_has_the_configured_scales():
+    """4096 draws per observation: uniform within +-OBS_NOISE of its group (max, and the standard deviation
+    s / sqrt(3) within 5%: its standard error is 0.7%), zero for commands and actions; the environment returns its
+    observation plus the noise it keeps."""
+    torch.manual_seed(4)
+    env = make_env(8)
+    draws = torch.cat([env._add_obs_noise(torch.zeros(8, env.num_obs)) for _ in range(512)])
+    sizes = {"lin_vel": 3, "ang_vel": 3, "gravity": 3, "commands": 3, "dof_pos": 12, "dof_vel": 12, "actions": 12}
+    start = 0
+    for group, size in sizes.items():
+        block, scale = draws[:, start : start + size], loco.OBS_NOISE[group]
+        start += size
+        if scale == 0:
+            assert (block == 0).all(), group
+            continue
+        assert block.abs().max() <= scale
+        torch.testing.assert_close(block.std(dim=0), torch.full((size,), scale / math.sqrt(3)), rtol=0.05, atol=0)
+        assert block.mean(dim=0).abs().max() < 5 * scale / math.sqrt(3 * len(block)), group
+    obs = env.reset()
+    assert torch.equal(obs, env._observe() + env.obs_noise) and env.obs_noise.abs().sum() > 0
+    quiet = make_env(2, obs_noise=False)
+    assert torch.equal(quiet.reset(), quiet._observe())
+
+
+@pytest.mark.parametrize("delay", [False, True])
+def test_action_delay_applies_the_previous_action(delay):
+    env = make_env(2, action_delay=delay, domain_rand=False, push_interval_s=0.0, obs_noise=False)
+    env.reset()
+    home, scale = env.default_dof_pos.expand(2, -1), env.cfg.action_scale
+    a1, a2 = torch.full((2, 12), 0.2), torch.full((2, 12), -0.3)
+    env.step(a1)
+    first = env.sim.ctrl.clone()
+    env.step(a2)
+    second = env.sim.ctrl.clone()
+    if delay:  # an episode starts with a zero action pending
+        torch.testing.assert_close(first, home)
+        torch.testing.assert_close(second, home + scale * a1)
+    else:
+        torch.testing.assert_close(first, home + scale * a1)
+        torch.testing.assert_close(second, home + scale * a2)
+    env.reset(torch.tensor([True, False]))
+    env.step(a2)
+    want = torch.stack([home[0], home[1] + scale * a2[1]]) if delay else home + scale * a2
+    torch.testing.assert_close(env.sim.ctrl, want)

@@ -186,6 +186,7 @@ def test_benchmark_prints_its_table_on_the_cpu(tmp_path, task):
         # Training does strictly more work per environment step than the simulator alone.
         assert row["training_env_steps_per_s"] < row["physics_env_steps_per_s"] * 1.05
         assert row["rollout_ms_per_iteration"] > 0 and row["update_ms_per_iteration"] > 0
+        assert row["domain_rand"] == (task == "locomotion"), "the physics is timed with the randomized models"
 
 
 def train_three_iterations(script, env_cls, fast: bool):
