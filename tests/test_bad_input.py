@@ -67,7 +67,21 @@ CASES = [
     ),
     ("more-envs-than-memory", ["--device", "cpu", "--num-envs", "1000000000"], {}, ["GiB", "use --num-envs"]),
 ]
-LOCOMOTION_ONLY = [("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"])]
+EVAL_GOOD = [*CPU, "--eval", "--checkpoint", "{ckpts}/good.pt"]
+LOCOMOTION_ONLY = [
+    ("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"]),
+    ("sim2sim-without-eval", [*CPU, "--sim2sim", "--checkpoint", "{ckpts}/good.pt"], {}, ["--sim2sim", "add --eval"]),
+    ("viewer-without-eval", [*CPU, "--viewer"], {}, ["--viewer", "add --eval"]),
+    ("sim2sim-and-viewer", [*EVAL_GOOD, "--sim2sim", "--viewer"], {}, ["--sim2sim and --viewer", "one of them"]),
+    ("viewer-and-video", [*EVAL_GOOD, "--viewer", "--capture-video"], {}, ["--capture-video", "--viewer"]),
+    ("sim2sim-and-video", [*EVAL_GOOD, "--sim2sim", "--capture-video"], {}, ["--capture-video", "--sim2sim"]),
+    (
+        "viewer-without-display",
+        [*EVAL_GOOD, "--viewer"],
+        {"DISPLAY": None, "WAYLAND_DISPLAY": None},
+        ["--viewer", "no display", "DISPLAY", "--capture-video"],
+    ),
+]
 REACH_ONLY = [
     (
         "unknown-control-type",
@@ -148,6 +162,8 @@ NO_BAD_VALUE = {
     "norm_adv",
     "clip_vloss",
     "only_positive_rewards",
+    "sim2sim",
+    "viewer",
 }
 FLAG_NAMES = {"device": "device", "checkpoint": "checkpoint"}  # messages that name the problem without the flag
 FIELD_CASES = []
