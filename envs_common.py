@@ -28,6 +28,7 @@ import random
 import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1123,17 +1124,22 @@ def print_metrics(title: str, metrics: dict[str, float], units: dict[str, str]) 
         print(f"  {k:<{width}} {value} {units.get(k, '')}".rstrip())
 
 
-def print_metric_columns(title: str, columns: dict[str, dict[str, float]], units: dict[str, str]) -> None:
-    """Evaluations side by side (e.g. a nominal and a randomized model): one row per metric of the first column,
-    one column per evaluation, named by `columns`' keys."""
+def print_metrics_side_by_side(title: str, columns: dict[str, dict[str, float]], units: dict[str, str]) -> None:
+    """The same metrics of several evaluations (column name -> metrics) as one table, and the difference of the
+    last column from the first."""
+    names = list(columns)
+    rows = list(columns[names[0]])
+    width = max(len(k) for k in rows)
+    cols = [max(14, len(n)) for n in names]
     print(title)
-    names = list(next(iter(columns.values())))
-    width = max(len(k) for k in names)
-    print(f"  {'':<{width}} " + " ".join(f"{c:>12}" for c in columns))
-    for k in names:
-        values = [c[k] for c in columns.values()]
-        cells = " ".join(f"{v:12.4f}" if isinstance(v, float) else f"{v!s:>12}" for v in values)
-        print(f"  {k:<{width}} {cells} {units.get(k, '')}".rstrip())
+    header = "".join(f" {n:>{w}}" for n, w in zip(names, cols))
+    print(f"  {'':<{width}}{header} {'difference':>12}")
+    for k in rows:
+        values = [columns[n].get(k, float("nan")) for n in names]
+        cells = "".join(f" {v:{w}.4f}" if isinstance(v, float) else f" {v!s:>{w}}" for v, w in zip(values, cols))
+        first, last = values[0], values[-1]
+        diff = f" {last - first:+12.4f}" if isinstance(first, float) and isinstance(last, float) else " " * 13
+        print(f"  {k:<{width}}{cells}{diff} {units.get(k, '')}".rstrip())
 
 
 def check_wandb_login() -> None:
@@ -1223,16 +1229,21 @@ def new_run_dir(exp_name: str, seed: int) -> Path:
     return Path("runs") / f"{exp_name}__{seed}__{int(time.time())}"
 
 
-def write_config(run_dir: Path, script: str, args, device: torch.device) -> None:
-    """runs/<run>/config.json: the arguments, the device and the versions a run was made with (plots read it)."""
+def versions(packages=("torch", "warp-lang", "mujoco", "mujoco-warp")) -> dict[str, str | None]:
+    """The installed version of each package (None: not installed), and Python's."""
     import importlib.metadata as md
 
-    versions = {}
-    for package in ("torch", "warp-lang", "mujoco", "mujoco-warp"):
+    found = {"python": platform.python_version()}
+    for package in packages:
         try:
-            versions[package] = md.version(package)
+            found[package] = md.version(package)
         except md.PackageNotFoundError:
-            versions[package] = None
+            found[package] = None
+    return found
+
+
+def write_config(run_dir: Path, script: str, args, device: torch.device) -> None:
+    """runs/<run>/config.json: the arguments, the device and the versions a run was made with (plots read it)."""
     write_json(
         run_dir / "config.json",
         {
@@ -1240,7 +1251,7 @@ def write_config(run_dir: Path, script: str, args, device: torch.device) -> None
             "args": dataclasses.asdict(args),
             "device": str(device),
             "device_name": device_name(device),
-            "versions": versions,
+            "versions": versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
@@ -1365,8 +1376,11 @@ def gpu_speed_flags(args, device: torch.device) -> dict[str, bool]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Export: the policy with its normalizer, as TorchScript and ONNX
+# Export: the policy with its normalizer, as TorchScript and ONNX, with the contract a robot's code needs to run it
 # ----------------------------------------------------------------------------------------------------------------
+CONTRACT_FORMAT = "isaac-ppo-policy/1"  # the contract's layout; changes when its keys or their meanings do
+
+
 def deployed_policy(normalizer, actor, clip: float):
     """Raw observation (batch, num_obs) -> action (batch, num_actions): the normalizer folded in, the actor's mean
     (no sampling), clipped to [-clip, clip] as the environment clips it. A torch.nn.Module, for export_policy."""
@@ -1382,28 +1396,313 @@ def deployed_policy(normalizer, actor, clip: float):
     return DeployedPolicy()
 
 
-def export_policy(policy: torch.nn.Module, num_obs: int, out_dir: Path) -> list[Path]:
+def observation_contract(layout, num_actions: int) -> list[dict]:
+    """A script's observation table as the contract states it, in order: each term's name, its slice [start, stop)
+    of the observation vector, size, units and meaning. `layout` holds (name, size, units, meaning) rows, a size of
+    "nu" meaning one value per actuator (num_actions)."""
+    entries, start = [], 0
+    for name, size, units, meaning in layout:
+        n = num_actions if size == "nu" else int(size)
+        entries.append({"name": name, "slice": [start, start + n], "size": n, "units": units, "meaning": meaning})
+        start += n
+    return entries
+
+
+def observation_size(layout, num_actions: int) -> int:
+    """The length of the observation vector a table (see observation_contract) describes."""
+    return observation_contract(layout, num_actions)[-1]["slice"][1]
+
+
+def actuator_contract(mjm: mujoco.MjModel) -> dict:
+    """The actuators in action order, read from the compiled model as it is simulated: each one's name, the joint it
+    drives (name, index in qpos and in qvel), and its force law. MuJoCo's actuators with a fixed gain and an affine
+    bias apply force = gear * clamp(gain * ctrl + bias[0] + bias[1] * q + bias[2] * qdot, force range), with ctrl
+    clamped to its range first (MuJoCo documentation, "Actuation model"); a position servo (bias (0, -kp, -kd))
+    is also stated by its kp (N m/rad) and kd (N m s/rad). Raises UserError for an actuator that drives no joint or
+    whose gain or bias is not of that form."""
+    t = mujoco.mjtTrn
+    out = {k: [] for k in ("actuators", "joints", "qpos_index", "qvel_index", "kind", "gear", "gain", "bias")}
+    out.update(joint_range=[], kp=[], kd=[], ctrl_range=[], force_range=[])
+    for i in range(mjm.nu):
+        name = mujoco.mj_id2name(mjm, mujoco.mjtObj.mjOBJ_ACTUATOR, i) or f"actuator{i}"
+        fixed_gain = mjm.actuator_gaintype[i] == mujoco.mjtGain.mjGAIN_FIXED
+        affine = int(mjm.actuator_biastype[i]) in (int(mujoco.mjtBias.mjBIAS_NONE), int(mujoco.mjtBias.mjBIAS_AFFINE))
+        if mjm.actuator_trntype[i] != t.mjTRN_JOINT or not (fixed_gain and affine):
+            raise UserError(f"actuator {name!r}: the export describes joint actuators of fixed gain and affine bias")
+        joint = int(mjm.actuator_trnid[i, 0])
+        gain, bias = float(mjm.actuator_gainprm[i, 0]), [float(b) for b in mjm.actuator_biasprm[i, :3]]
+        servo = bias[0] == 0.0 and bias[1] == -gain != 0.0
+        out["actuators"].append(name)
+        out["joints"].append(mujoco.mj_id2name(mjm, mujoco.mjtObj.mjOBJ_JOINT, joint))
+        out["qpos_index"].append(int(mjm.jnt_qposadr[joint]))
+        out["qvel_index"].append(int(mjm.jnt_dofadr[joint]))
+        out["joint_range"].append(mjm.jnt_range[joint].tolist() if mjm.jnt_limited[joint] else None)
+        out["kind"].append("position servo" if servo else "motor" if bias[:2] == [0.0, 0.0] else "affine")
+        out["gear"].append(float(mjm.actuator_gear[i, 0]))
+        out["gain"].append(gain)
+        out["bias"].append(bias)
+        out["kp"].append(gain if servo else 0.0)
+        out["kd"].append(-bias[2])
+        out["ctrl_range"].append(mjm.actuator_ctrlrange[i].tolist() if mjm.actuator_ctrllimited[i] else None)
+        out["force_range"].append(mjm.actuator_forcerange[i].tolist() if mjm.actuator_forcelimited[i] else None)
+    out["force_law"] = (
+        "force = gear * clamp(gain * ctrl + bias[0] + bias[1] * q + bias[2] * qdot, force_range), ctrl clamped to "
+        "ctrl_range first; a position servo: force = kp * (ctrl - q) - kd * qdot, computed at every physics step"
+    )
+    return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def checkpoint_source(path: str, script: str) -> dict:
+    """Where an exported policy comes from: the checkpoint's absolute path, its SHA-256, iteration and step, and the
+    arguments it was trained with. UserError as load_checkpoint."""
+    ckpt = load_checkpoint(path, torch.device("cpu"), script)
+    return {
+        "checkpoint": str(Path(path).resolve()),
+        "sha256": file_sha256(path),
+        "iteration": ckpt.get("iteration"),
+        "global_step": ckpt.get("global_step"),
+        "args": ckpt.get("args", {}),
+    }
+
+
+def export_policy(policy: torch.nn.Module, num_obs: int, out_dir: Path, contract: dict | None = None) -> list[Path]:
     """Write `policy` (on the CPU, in eval mode) to out_dir/policy.pt (TorchScript) and out_dir/policy.onnx (input
-    "obs" (batch, num_obs) float32, output "actions"). Returns the paths written."""
+    "obs" (batch, num_obs) float32, output "actions"), and its `contract` (a JSON-able dict of sections) into the
+    ONNX file's metadata_props (one entry per section, its value a JSON string) and beside it as policy.json. Each
+    file is written to a temporary name, then renamed. Returns the paths written."""
+    import copy
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy = policy.cpu().eval()
+    policy = copy.deepcopy(policy).cpu().eval()  # a copy: the caller's networks stay on their device
     example = torch.zeros(1, num_obs)
     written = [out_dir / "policy.pt"]
-    torch.jit.trace(policy, example).save(str(written[0]))
+    tmp = out_dir / "policy.pt.tmp"
+    torch.jit.trace(policy, example).save(str(tmp))
+    os.replace(tmp, written[0])
     try:
+        import onnx
+
+        tmp = out_dir / "policy.onnx.tmp"
         torch.onnx.export(
             policy,
             (example,),
-            str(out_dir / "policy.onnx"),
+            str(tmp),
             input_names=["obs"],
             output_names=["actions"],
             dynamic_axes={"obs": {0: "batch"}},
             dynamo=False,
         )
+        if contract is not None:
+            model = onnx.load(str(tmp))
+            for key, value in contract.items():
+                model.metadata_props.add(key=key, value=json.dumps(finite_or_none(value)))
+            onnx.save(model, str(tmp))
+        os.replace(tmp, out_dir / "policy.onnx")
         written.append(out_dir / "policy.onnx")
     except Exception as e:  # noqa: BLE001 - ONNX is optional: TorchScript was written
         print(f"note: ONNX export skipped ({type(e).__name__}: {e}); pip install onnx to enable it")
+    if contract is not None:
+        write_json(out_dir / "policy.json", contract)
+        written.append(out_dir / "policy.json")
     return written
+
+
+class OnnxPolicy:
+    """An exported policy run by onnxruntime from its .onnx file alone. `contract` is the dict stored in the file's
+    metadata (the same as the policy.json beside it); calling the policy maps raw observations (N, num_obs) to
+    actions (N, num_actions), torch tensors on the observations' device. One thread: the networks are small, and
+    onnxruntime's spinning worker threads would take the cores the physics runs on. Raises UserError when the file
+    is missing or unreadable, or carries no contract."""
+
+    def __init__(self, path: str | os.PathLike):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - missing, truncated or not ONNX: one message
+            raise UserError(f"cannot load the exported policy {path} ({type(e).__name__}): export it again") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "observation" not in meta:
+            raise UserError(f"{path} carries no policy contract in its metadata: export it again with --export")
+        self.contract = {k: json.loads(v) for k, v in meta.items()}
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        actions = self.session.run(["actions"], {"obs": obs.detach().to("cpu", torch.float32).numpy()})[0]
+        return torch.from_numpy(actions).to(obs.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A second simulator: MuJoCo's C engine behind BatchedSim's interface (sim-to-sim checks, the interactive viewer)
+# ----------------------------------------------------------------------------------------------------------------
+class CEngineSim:
+    """The part of BatchedSim's interface that a task reads, over MuJoCo's C engine: one mujoco.MjData per world,
+    stepped in turn on the CPU by mujoco.mj_step in float64, with the model's own solver settings. MuJoCo Warp plays
+    no part: this is the independent simulator of sim-to-sim checks, and the viewer's (it steps the MjData the viewer
+    draws). It is not fast: about 30 us per physics step of the Go1 on one core.
+
+    qpos (N, nq), qvel (N, nv), ctrl (N, nu), act_force (N, nu) and contact_force (N, nbody, 3) mean what they mean in
+    BatchedSim, as float32 tensors on `device`, but they are copies, not views: step() copies ctrl into every MjData,
+    steps, and copies the new state back; reset() writes the worlds it resets. `datas[i]` is world i's MjData.
+    MuJoCo's C engine would quietly reset a world whose accelerations blow up: that is turned off in `mjm`
+    (mjDSBL_AUTORESET), so such a world turns non-finite and nonfinite() flags it, as in MuJoCo Warp. A world whose
+    contact or constraint arena filled up (MuJoCo warns and drops what does not fit) is flagged by overflowed(). No
+    body poses (poses must be False) and no get_state()/set_state(). `nconmax` and `njmax` are MuJoCo Warp's buffer
+    sizes, accepted and unused (the C engine sizes its own).
+    """
+
+    def __init__(
+        self,
+        mjm: mujoco.MjModel,
+        num_envs: int,
+        device: torch.device | str,
+        decimation: int = 1,
+        nconmax: int | None = None,
+        njmax: int | None = None,
+        contact_forces: bool = False,
+        poses: bool = False,
+    ):
+        if poses:
+            raise ValueError("CEngineSim keeps no body poses: pass poses=False")
+        if int(num_envs) < 1:
+            raise UserError(f"the number of environments must be at least 1, got {num_envs}")
+        self.mjm, self.num_envs, self.decimation = mjm, int(num_envs), int(decimation)
+        mjm.opt.disableflags |= mujoco.mjtDisableBit.mjDSBL_AUTORESET
+        self.device = resolve_device(str(device))
+        self.contact_forces = contact_forces
+        self.datas = [mujoco.MjData(mjm) for _ in range(self.num_envs)]
+        key = 0 if mjm.nkey else None
+        qpos0 = mjm.key_qpos[key] if key is not None else mjm.qpos0
+        ctrl0 = mjm.key_ctrl[key] if key is not None else np.zeros(mjm.nu)
+        self.default_qpos = torch.tensor(qpos0, dtype=torch.float32, device=self.device)
+        self.default_ctrl = torch.tensor(ctrl0, dtype=torch.float32, device=self.device)
+        sizes = {"qpos": (mjm.nq,), "qvel": (mjm.nv,), "ctrl": (mjm.nu,), "act_force": (mjm.nu,)}
+        sizes["contact_force"] = (mjm.nbody, 3)
+        for name, shape in sizes.items():
+            setattr(self, name, torch.zeros(self.num_envs, *shape, device=self.device))
+        self._host = {name: np.zeros((self.num_envs, *shape)) for name, shape in sizes.items() if name != "ctrl"}
+        self._full = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        self._full_warnings = (int(mujoco.mjtWarning.mjWARN_CONTACTFULL), int(mujoco.mjtWarning.mjWARN_CNSTRFULL))
+        self._fill_counts = np.zeros(self.num_envs, dtype=np.int64)  # each world's _fills() after its last step
+        all_envs = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        self.reset(
+            all_envs, self.default_qpos.expand(self.num_envs, -1), ctrl=self.default_ctrl.expand(self.num_envs, -1)
+        )
+
+    def _fills(self, d) -> int:
+        """How often world d's contact or constraint arena was full so far."""
+        contacts, constraints = self._full_warnings
+        return d.warning[contacts].number + d.warning[constraints].number
+
+    def step(self) -> None:
+        """Advance every world by `decimation` physics steps (mj_step) with the current `ctrl`, held."""
+        m, h = self.mjm, self._host
+        ctrl = self.ctrl.to("cpu", torch.float64).numpy()
+        full = np.zeros(self.num_envs, dtype=bool)
+        for i, d in enumerate(self.datas):
+            d.ctrl[:] = ctrl[i]
+            mujoco.mj_step(m, d, nstep=self.decimation)
+            if self.contact_forces:  # cfrc_ext of the last physics step, as MuJoCo Warp's run_rne_postconstraint
+                mujoco.mj_rnePostConstraint(m, d)
+                h["contact_force"][i] = d.cfrc_ext[:, 3:6]  # (torque, force) at the body's centre of mass
+            fills = self._fills(d)
+            full[i], self._fill_counts[i] = fills > self._fill_counts[i], fills
+            h["qpos"][i], h["qvel"][i], h["act_force"][i] = d.qpos, d.qvel, d.actuator_force
+        for name, values in h.items():
+            getattr(self, name).copy_(torch.from_numpy(values))
+        self._full |= torch.from_numpy(full).to(self.device)
+
+    def reset(
+        self, envs: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor | None = None, ctrl: torch.Tensor | None = None
+    ) -> None:
+        """Put the worlds in `envs` at (qpos, qvel) with `ctrl`, as BatchedSim.reset (a bool mask (N,) with full-size
+        rows, or a long tensor of ids with one row each); each such world's MjData starts afresh (mj_resetData:
+        no warm start, no applied forces), then mj_forward computes its poses for a viewer."""
+        if envs.dtype != torch.bool:
+            mask = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device).index_fill_(0, envs, True)
+            qpos = self.qpos.clone().index_copy_(0, envs, qpos.float())
+            qvel = None if qvel is None else self.qvel.clone().index_copy_(0, envs, qvel.float())
+            ctrl = None if ctrl is None else self.ctrl.clone().index_copy_(0, envs, ctrl.float())
+        else:
+            mask = envs
+        rows = mask.unsqueeze(-1)
+        self.qpos.copy_(torch.where(rows, qpos, self.qpos))
+        self.qvel.copy_(torch.where(rows, 0.0 if qvel is None else qvel, self.qvel))
+        if ctrl is not None:
+            self.ctrl.copy_(torch.where(rows, ctrl, self.ctrl))
+        self._full.masked_fill_(mask, False)
+        host = [t.to("cpu", torch.float64).numpy() for t in (self.qpos, self.qvel, self.ctrl)]
+        for i in mask.nonzero()[:, 0].tolist():
+            d = self.datas[i]
+            mujoco.mj_resetData(self.mjm, d)  # warnings too
+            self._fill_counts[i] = 0
+            d.qpos[:], d.qvel[:], d.ctrl[:] = host[0][i], host[1][i], host[2][i]
+            mujoco.mj_forward(self.mjm, d)  # computes no warm start: the next mj_step is as without it
+
+    nonfinite = BatchedSim.nonfinite  # (N,) bool: worlds whose state holds a NaN or an infinity
+
+    def overflowed(self) -> torch.Tensor:
+        """(N,) bool: worlds whose contact or constraint arena filled up since their last reset."""
+        return self._full.clone()
+
+    body_id, site_id, _id = BatchedSim.body_id, BatchedSim.site_id, BatchedSim._id  # names, looked up in mjm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MuJoCo's interactive viewer, passive: the script steps the physics, the viewer draws it
+# ----------------------------------------------------------------------------------------------------------------
+def check_display(flag_name: str) -> None:
+    """UserError when no window can open because no display is set (Linux without DISPLAY or WAYLAND_DISPLAY)."""
+    if platform.system() == "Linux" and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise UserError(
+            f"{flag_name} opens a window, but there is no display here (neither DISPLAY nor WAYLAND_DISPLAY is set): "
+            "run it on a desktop or over `ssh -X`, or record a video instead with --eval --capture-video"
+        )
+
+
+@contextlib.contextmanager
+def viewer_window(mjm: mujoco.MjModel, data: mujoco.MjData, key_callback=None):
+    """MuJoCo's viewer (mujoco.viewer.launch_passive) on (mjm, data) for the duration of a `with` block, its side
+    panels hidden (Tab and Shift-Tab show them). Yields the viewer's Handle: step `data` inside `handle.lock()`, then
+    call `handle.sync()` to draw; `handle.is_running()` turns False when the window is closed. key_callback(keycode)
+    gets every key press (GLFW key codes), on the viewer's thread. Raises UserError when no window can open: GLFW is
+    started here first, because launch_passive opens the window in a thread of its own and, if that fails, waits for
+    it forever. On leaving, the window is closed and its thread joined (a process that exits while that thread still
+    draws dies of an X error)."""
+    import glfw
+    import mujoco.viewer
+
+    check_display("--viewer")
+    reporting, glfw.ERROR_REPORTING = glfw.ERROR_REPORTING, "ignore"  # the failure is reported below, in one line
+    try:
+        started, (_, why) = glfw.init(), glfw.get_error()
+    finally:
+        glfw.ERROR_REPORTING = reporting
+    if not started:
+        reason = why.decode(errors="replace") if why else "GLFW could not start"
+        raise UserError(f"--viewer cannot open a window ({reason}): check DISPLAY, or use --eval --capture-video")
+    before = set(threading.enumerate())
+    try:
+        handle = mujoco.viewer.launch_passive(
+            mjm, data, key_callback=key_callback, show_left_ui=False, show_right_ui=False
+        )
+    except RuntimeError as e:  # macOS: the passive viewer needs the mjpython launcher
+        raise UserError(f"--viewer: {e}") from None
+    threads = [t for t in threading.enumerate() if t not in before]
+    try:
+        yield handle
+    finally:
+        handle.close()
+        for thread in threads:
+            thread.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------------------------------------------

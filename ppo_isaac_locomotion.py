@@ -19,8 +19,10 @@ import time
 PROCESS_START = time.time()  # wall-clock figures count from the script's first line, imports included
 
 import dataclasses
+import json
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +62,11 @@ class Args:
     eval: bool = False
     """play the deterministic policy of --checkpoint on fresh commands and print its metrics; no training"""
     export: bool = False
-    """write the policy of --checkpoint, normalizer folded in, as TorchScript and ONNX"""
+    """write the policy of --checkpoint (normalizer folded in) as TorchScript and ONNX, with its contract"""
+    sim2sim: bool = False
+    """with --eval: also play the exported ONNX policy in MuJoCo's C engine (CPU) and print both simulators' metrics"""
+    viewer: bool = False
+    """with --eval: play the policy in MuJoCo's interactive viewer instead (needs a display; arrow keys steer)"""
     tf32: bool = True
     """on a GPU, let float32 matrix products use TF32 tensor cores"""
     compile: bool = True
@@ -163,6 +169,16 @@ def check_args(args: Args) -> None:
             "pushes"
         )
     ec.check_range(args, "push_vel", 0, hint="legged_gym pushes at up to 1 m/s")
+    for name in ("sim2sim", "viewer"):
+        if getattr(args, name) and not args.eval:
+            raise UserError(f"--{name} is a way to evaluate: add --eval (and --checkpoint)")
+    if args.sim2sim and args.viewer:
+        raise UserError("--sim2sim and --viewer together: give one of them (run the command twice)")
+    if (args.sim2sim or args.viewer) and args.capture_video:
+        flag = "--sim2sim" if args.sim2sim else "--viewer"
+        raise UserError(f"--capture-video records --eval's video, not {flag}'s: drop one of them")
+    if args.viewer:
+        ec.check_display("--viewer")
 
 
 if __name__ == "__main__":  # the command line first: --help and mistakes answer before torch, MuJoCo and Warp load
@@ -226,6 +242,17 @@ DOMAIN_RAND = {
     # x each joint's armature (the reflected inertia of its rotor). Playground's Go1.
     "armature_scale": (1.0, 1.05),
 }
+# The MuJoCo model fields those draws write, one copy per world (MuJoCo Warp's batched model fields).
+RANDOMIZED_FIELDS = (
+    "geom_friction",
+    "body_mass",
+    "body_inertia",
+    "body_ipos",
+    "actuator_gainprm",
+    "actuator_biasprm",
+    "dof_frictionloss",
+    "dof_armature",
+)
 
 # Observation noise (--obs-noise): each observation gets a uniform draw in [-s, s] at every step, s per group in
 # the observation's own units. legged_gym's noise_scales at its noise_level 1.0 (it multiplies them by the same
@@ -233,15 +260,29 @@ DOMAIN_RAND = {
 # own: noiseless. The critic sees the same noisy observations as the actor, as in legged_gym: a critic with clean
 # ones (Isaac Lab, mjlab: an asymmetric actor-critic) would need a second observation through the rollout storage,
 # the time-out bootstrap and the recorded step, and legged_gym trains its quadrupeds with noise without it.
-OBS_NOISE = {
-    "lin_vel": 0.1,  # m/s
-    "ang_vel": 0.2,  # rad/s
-    "gravity": 0.05,  # projected gravity (a unit vector)
-    "commands": 0.0,
-    "dof_pos": 0.01,  # rad
-    "dof_vel": 1.5,  # rad/s
-    "actions": 0.0,
+OBS_NOISE = {  # by the OBSERVATION table's names
+    "base_lin_vel": 0.1,  # m/s
+    "base_ang_vel": 0.2,  # rad/s
+    "projected_gravity": 0.05,  # a unit vector
+    "command": 0.0,
+    "joint_pos": 0.01,  # rad
+    "joint_vel": 1.5,  # rad/s
+    "last_action": 0.0,
 }
+
+# The observation, term by term in this order: name, size ("nu": one per actuator, in action order), units, meaning.
+# observation() concatenates the terms by this table, Go1Env's docstring shows it, and --export writes it into the
+# policy's contract. legged_gym's observation without its scales (the normalizer scales).
+OBSERVATION = (
+    ("base_lin_vel", 3, "m/s", "linear velocity of the trunk in the trunk frame (x forward, y left, z up)"),
+    ("base_ang_vel", 3, "rad/s", "angular velocity of the trunk in the trunk frame"),
+    ("projected_gravity", 3, "1", "unit vector of gravity in the trunk frame, (0, 0, -1) when upright"),
+    ("command", 3, "m/s, m/s, rad/s", "commanded forward and lateral velocity (trunk frame) and yaw rate"),
+    ("joint_pos", "nu", "rad", "joint positions minus the home pose"),
+    ("joint_vel", "nu", "rad/s", "joint velocities"),
+    ("last_action", "nu", "1", "the previous policy step's actions, clipped as the environment clips them"),
+)
+ACTION_CLIP = 100.0  # actions are clipped to +-100 (legged_gym's clip_actions)
 
 
 @dataclass
@@ -271,23 +312,51 @@ class Go1Config:
 TASK_ARGS = tuple(f.name for f in dataclasses.fields(Go1Config)) + ("obs_clip",)
 
 
+def base_frame(qpos: torch.Tensor, qvel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trunk's linear velocity in its own frame (m/s) and the projected gravity (unit), each (N, 3), from the
+    free joint's qpos (N, nq) and qvel (N, nv) (legged_gym's base_lin_vel and projected_gravity)."""
+    quat = qpos[:, 3:7]
+    return ec.quat_rotate_inverse(quat, qvel[:, 0:3]), ec.projected_gravity(quat)
+
+
+def observation(qpos, qvel, commands, last_actions, default_dof_pos) -> torch.Tensor:
+    """The policy's observation (N, num_obs), laid out as the OBSERVATION table says, from the state: qpos (N, nq)
+    and qvel (N, nv) (the free joint first, then one hinge per actuator), commands (N, 3), the last actions
+    (N, nu) and the home pose of the joints (nu,). The one observation function: Go1Env calls it on MuJoCo Warp's
+    state, and --sim2sim on MuJoCo C's, through the same Go1Env."""
+    base_lin_vel, projected_gravity = base_frame(qpos, qvel)
+    terms = {
+        "base_lin_vel": base_lin_vel,
+        "base_ang_vel": qvel[:, 3:6],  # MuJoCo's free joint: angular velocity already in the body frame
+        "projected_gravity": projected_gravity,
+        "command": commands,
+        "joint_pos": qpos[:, 7:] - default_dof_pos,
+        "joint_vel": qvel[:, 6:],
+        "last_action": last_actions,
+    }
+    return torch.cat([terms[name] for name, *_ in OBSERVATION], dim=-1)
+
+
 class Go1Env:
     """Batched velocity tracking. All state lives in (num_envs, ...) tensors on the device, written in place.
 
-    Observation layout (num_obs = 12 + 3 * num_actions = 48 for the Go1; normalized by ObservationNormalizer):
-      [0:3]   base linear velocity, base frame (m/s)      [3:6]   base angular velocity, base frame (rad/s)
-      [6:9]   projected gravity (unit, base frame)        [9:12]  command (vx m/s, vy m/s, yaw rate rad/s)
-      [12:24] joint positions minus the home pose (rad)   [24:36] joint velocities (rad/s)
-      [36:48] last actions
+    Observation layout (the OBSERVATION table; num_obs = 12 + 3 * nu = 48 for the Go1; raw, the normalizer scales):
+      [0:3]   base_lin_vel: trunk velocity, trunk frame (m/s)   [3:6]   base_ang_vel: trunk frame (rad/s)
+      [6:9]   projected_gravity (unit, trunk frame)             [9:12]  command (vx m/s, vy m/s, yaw rate rad/s)
+      [12:24] joint_pos: minus the home pose (rad)              [24:36] joint_vel (rad/s)
+      [36:48] last_action
     Actions: one per actuator (the model's nu), joint target = home pose + action_scale * action.
 
     Robustness (each a Go1Config switch): with domain_rand, the simulator's per-world model fields (BatchedSim.model)
     are drawn from DOMAIN_RAND for each environment at each of its resets; pushes set the trunk's horizontal
     velocity every push_interval_s of an episode; obs_noise adds OBS_NOISE to the observations the policy gets
     (obs_noise holds the last draw); action_delay applies each action one step late.
+
+    `sim` is the simulator class: MuJoCo Warp's BatchedSim, or MuJoCo's C engine (ec.CEngineSim) for --sim2sim and
+    --viewer, behind the same interface, so that the observations, commands, terminations and metrics are this code.
     """
 
-    def __init__(self, num_envs: int, device: torch.device, cfg: Go1Config | None = None):
+    def __init__(self, num_envs: int, device: torch.device, cfg: Go1Config | None = None, sim=None):
         self.cfg = cfg = cfg or Go1Config.from_args(Args())
         self.device, self.num_envs = device, num_envs
         mjm = ec.load_model(ASSET)
@@ -295,27 +364,14 @@ class Go1Env:
             mjm.opt.iterations, mjm.opt.ls_iterations = cfg.solver
         # Contact forces: for feet air time, collisions and falls. No body poses: nothing here reads them.
         decimation = max(1, round(POLICY_DT / mjm.opt.timestep))
-        per_world = (
-            "geom_friction",
-            "body_mass",
-            "body_inertia",
-            "body_ipos",
-            "actuator_gainprm",
-            "actuator_biasprm",
-            "dof_frictionloss",
-            "dof_armature",
-        )
-        self.sim = s = ec.BatchedSim(
-            mjm,
-            num_envs,
-            device,
-            decimation=decimation,
-            contact_forces=True,
-            poses=False,
-            per_world=per_world if cfg.domain_rand else (),
-        )
+        kwargs = dict(decimation=decimation, contact_forces=True, poses=False)
+        if cfg.domain_rand:
+            if sim is not None:  # MuJoCo C (--sim2sim, --viewer) steps the nominal model: it has no per-world fields
+                raise ValueError("domain randomization needs MuJoCo Warp's per-world model fields (sim=None)")
+            kwargs["per_world"] = RANDOMIZED_FIELDS
+        self.sim = s = (sim or ec.BatchedSim)(mjm, num_envs, device, **kwargs)
         self.num_actions = nu = mjm.nu
-        self.num_obs = 12 + 3 * nu
+        self.num_obs = ec.observation_size(OBSERVATION, nu)
         self.dt = mjm.opt.timestep * decimation
         self.max_episode_length = int(round(cfg.episode_length_s / self.dt))
         self.resample_steps = max(1, int(round(cfg.command_resample_s / self.dt)))
@@ -351,9 +407,10 @@ class Go1Env:
         com_xy, com_z = DOMAIN_RAND["trunk_com_xy"], DOMAIN_RAND["trunk_com_z"]
         self.com_lo = torch.tensor([com_xy[0], com_xy[0], com_z[0]], device=device)
         self.com_hi = torch.tensor([com_xy[1], com_xy[1], com_z[1]], device=device)
-        # The noise scale of each observation, in _observe's order.
-        sizes = {"lin_vel": 3, "ang_vel": 3, "gravity": 3, "commands": 3, "dof_pos": nu, "dof_vel": nu, "actions": nu}
-        self.noise_scale = torch.cat([torch.full((n,), OBS_NOISE[g], device=device) for g, n in sizes.items()])
+        # The noise scale of each observation, term by term in the OBSERVATION table's order.
+        self.noise_scale = torch.cat(
+            [torch.full((nu if n == "nu" else n,), OBS_NOISE[name], device=device) for name, n, *_ in OBSERVATION]
+        )
         assert self.noise_scale.numel() == self.num_obs
 
         def z(*shape, dtype=torch.float32):
@@ -498,18 +555,7 @@ class Go1Env:
         self.episode_length.copy_((self._rand(self.num_envs) * self.max_episode_length).long())
 
     def _observe(self) -> torch.Tensor:
-        return torch.cat(
-            [
-                self.base_lin_vel,
-                self.root_ang_vel_b,
-                self.projected_gravity,
-                self.commands,
-                self.dof_pos - self.default_dof_pos,
-                self.dof_vel,
-                self.actions,
-            ],
-            dim=-1,
-        )
+        return observation(self.sim.qpos, self.sim.qvel, self.commands, self.actions, self.default_dof_pos)
 
     def _add_obs_noise(self, obs: torch.Tensor) -> torch.Tensor:
         """`obs` (num_envs, num_obs) plus uniform noise of OBS_NOISE's scales with --obs-noise (legged_gym's
@@ -532,8 +578,9 @@ class Go1Env:
         velocity.copy_(torch.where(due[:, None], kick, velocity))
 
     def _refresh_base_state(self) -> None:
-        self.base_lin_vel.copy_(ec.quat_rotate_inverse(self.root_quat, self.root_lin_vel_w))
-        self.projected_gravity.copy_(ec.projected_gravity(self.root_quat))
+        base_lin_vel, projected_gravity = base_frame(self.sim.qpos, self.sim.qvel)
+        self.base_lin_vel.copy_(base_lin_vel)
+        self.projected_gravity.copy_(projected_gravity)
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self, actions: torch.Tensor):
@@ -542,7 +589,7 @@ class Go1Env:
         and final_obs their last one (to bootstrap the value on time-outs).
 
         State is written in place only and nothing branches on tensor values, so that a CUDA graph can replay it."""
-        self.actions.copy_(actions.clamp(-100.0, 100.0))  # legged_gym's clip_actions
+        self.actions.copy_(actions.clamp(-ACTION_CLIP, ACTION_CLIP))
         # --action-delay: the servos get the previous step's action (last_actions: zero at an episode's start).
         applied = self.last_actions if self.cfg.action_delay else self.actions
         self.sim.ctrl.copy_(self.default_dof_pos + self.cfg.action_scale * applied)  # PD targets
@@ -942,7 +989,10 @@ def main(args: Args) -> None:
             f"{args.num_iterations or 5}): this shows the pipeline; learning to walk needs a GPU",
             flush=True,
         )
-    args.num_envs = args.num_envs or (4096 if device.type == "cuda" else 32)
+    # --sim2sim: 64 worlds for the bar's 64 episodes (MuJoCo C steps them one by one on the CPU); --viewer shows one.
+    args.num_envs = args.num_envs or (
+        64 if args.sim2sim else 1 if args.viewer else 4096 if device.type == "cuda" else 32
+    )
     args.num_iterations = args.num_iterations or (500 if device.type == "cuda" else 5)
     check_args(args)
     ec.note_gpu_only_flags(args, device)
@@ -1231,7 +1281,7 @@ def main(args: Args) -> None:
 
 
 # ==================================================================================================================
-# Evaluation and video (called by main)
+# Evaluation, sim-to-sim, the viewer, video and export (called by main)
 # ==================================================================================================================
 EVAL_UNITS = {
     "lin_vel_error": "m/s",
@@ -1243,20 +1293,24 @@ EVAL_UNITS = {
 
 
 def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
-    """--export: the policy as TorchScript and ONNX in <run>/export; --eval: its metrics as a table and in
-    <run>/eval.json (and a video with --capture-video)."""
+    """--export: the policy as TorchScript and ONNX with its contract in <run>/export; --eval: its metrics as a table
+    and in <run>/eval.json (and a video with --capture-video); --eval --sim2sim: the exported policy in MuJoCo's C
+    engine beside the training simulator, in <run>/sim2sim.json; --eval --viewer: the policy in MuJoCo's viewer."""
     if args.export:
-        out_dir = ec.run_dir_of(args.checkpoint) / "export"
-        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=100.0), env.num_obs, out_dir):
+        for path in export(agent, normalizer, env, args, ec.run_dir_of(args.checkpoint) / "export"):
             print(f"wrote {path}")
         return
+    if args.sim2sim:
+        return sim_to_sim(agent, normalizer, env, device, args)
+    if args.viewer:
+        return play_in_viewer(agent, normalizer, device, args)
     print(
         f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s)...",
         flush=True,
     )
     metrics = evaluate(agent, normalizer, device, args, args.num_envs)
     nominal = {k: v for k, v in metrics.items() if not k.endswith("_randomized")}
-    ec.print_metric_columns(
+    ec.print_metrics_side_by_side(
         "evaluation (deterministic policy): go1.xml as compiled, and randomized with pushes and noise",
         {"nominal": nominal, "randomized": {k: metrics[k + "_randomized"] for k in nominal}},
         EVAL_UNITS,
@@ -1271,27 +1325,34 @@ def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
 
 
 @torch.no_grad()
-def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, float]:
+def evaluate(
+    agent, normalizer, device, args: Args, num_envs: int, sim=None, policy=None, randomized: bool = True
+) -> dict[str, float]:
     """The deterministic policy on fresh environments and commands for eval_episodes episode lengths (a robot that
-    falls starts a new episode), twice: on the nominal model (go1.xml as compiled, no pushes, noiseless
-    observations), under the metrics' plain names, and on the randomized one (DOMAIN_RAND drawn at every reset, with
-    the task's pushes and observation noise), under the same names ending in "_randomized". Action delay, if the
-    task has it, in both. Tracking errors overall and steady-state; falls with a 95% Wilson interval."""
+    falls starts a new episode), on the nominal model (go1.xml as compiled, no pushes, noiseless observations), under
+    the metrics' plain names, and, with `randomized`, again on the randomized one (DOMAIN_RAND drawn at every reset,
+    the task's pushes and observation noise), under the same names ending in "_randomized". Action delay, if the task
+    has it, in both. Tracking errors overall and steady-state; falls with a 95% Wilson interval.
+    `sim` and `policy` replace the training simulator (MuJoCo Warp) and the agent's deterministic policy (raw
+    observations (N, num_obs) -> actions (N, nu)): --sim2sim passes MuJoCo's C engine and the exported ONNX policy,
+    nominal model only. The initial states and commands depend only on the seed, the device and num_envs, not on the
+    simulator."""
+    policy = policy or (lambda obs: agent.act_deterministic(normalizer(obs)))
     task = Go1Config.from_args(args)
-    conditions = {
-        "": dataclasses.replace(task, domain_rand=False, push_interval_s=0.0, obs_noise=False),
-        "_randomized": dataclasses.replace(task, domain_rand=True),
-    }
+    conditions = {"": dataclasses.replace(task, domain_rand=False, push_interval_s=0.0, obs_noise=False)}
+    if randomized and sim is None:
+        conditions["_randomized"] = dataclasses.replace(task, domain_rand=True)
     metrics = {}
     for suffix, cfg in conditions.items():
         with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's untouched
-            env = Go1Env(num_envs, device, cfg)
+            env = Go1Env(num_envs, device, cfg, sim=sim)
             obs = env.reset()
 
             def eval_step(env=env, obs=obs):
-                obs.copy_(env.step(agent.act_deterministic(normalizer(obs)))[0])
+                obs.copy_(env.step(policy(obs))[0])
 
-            run_eval_step = ec.cuda_graphed(eval_step, device) if args.cudagraphs else eval_step
+            graphed = args.cudagraphs and sim is None  # MuJoCo C steps on the host: nothing to record
+            run_eval_step = ec.cuda_graphed(eval_step, device) if graphed else eval_step
             for _ in range(env.max_episode_length * args.eval_episodes):
                 run_eval_step()
             s = env.pop_stats()
@@ -1309,6 +1370,206 @@ def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, 
         }
         metrics.update({k + suffix: v for k, v in one.items()})
     return metrics
+
+
+def sim_to_sim(agent, normalizer, env, device, args: Args) -> None:
+    """--eval --sim2sim: the exported ONNX policy, run by onnxruntime from its file alone, in MuJoCo's C engine
+    (ec.CEngineSim: float64, go1.xml's own solver settings, on the CPU), beside the same policy's figures in the
+    training simulator (MuJoCo Warp), over the same environments, initial states and commands. Prints both columns
+    and writes <run>/sim2sim.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = exported_onnx(agent, normalizer, env, args, Path(tmp))
+        policy = ec.OnnxPolicy(onnx_path)
+        check_contract(policy.contract, env, args, onnx_path)
+        episodes = args.num_envs * args.eval_episodes
+        print(
+            f"evaluating {args.checkpoint} on {args.num_envs} environments x {args.eval_episodes} episode(s) in the "
+            "training simulator (MuJoCo Warp), then its ONNX export in MuJoCo's C engine...",
+            flush=True,
+        )
+        if episodes < 64:
+            print(f"note: {episodes} episodes; the sim-to-sim bar asks for at least 64 (--num-envs 64)", flush=True)
+        t0 = time.perf_counter()
+        warp = evaluate(agent, normalizer, device, args, args.num_envs, randomized=False)
+        t1 = time.perf_counter()
+        # MuJoCo C with go1.xml's own solver settings, whatever --solver the policy was trained with.
+        c_args = dataclasses.replace(args, solver=None)
+        c = evaluate(None, None, device, c_args, args.num_envs, sim=ec.CEngineSim, policy=policy)
+        t2 = time.perf_counter()
+    columns = {"MuJoCo Warp": warp, "MuJoCo C (ONNX)": c}
+    ec.print_metrics_side_by_side("sim-to-sim (deterministic policy, same commands)", columns, EVAL_UNITS)
+    print(f"wall time: MuJoCo Warp {t1 - t0:.1f} s, MuJoCo C {t2 - t1:.1f} s")
+    out, opt = ec.run_dir_of(args.checkpoint) / "sim2sim.json", ec.load_model(ASSET).opt  # MuJoCo C's solver
+    record = {"checkpoint": args.checkpoint, "num_envs": args.num_envs, "eval_episodes": args.eval_episodes}
+    record.update(
+        onnx=str(onnx_path) if onnx_path.parent.name == "export" else "a temporary export of the checkpoint",
+        mujoco_warp=warp,
+        mujoco_c=c,
+        wall_time_s={"mujoco_warp": t1 - t0, "mujoco_c": t2 - t1},
+        mujoco_c_solver={
+            "iterations": int(opt.iterations),
+            "ls_iterations": int(opt.ls_iterations),
+        },
+    )
+    ec.write_json(out, record)
+    print(f"wrote {out}")
+
+
+def exported_onnx(agent, normalizer, env, args: Args, tmp_dir: Path) -> Path:
+    """<run>/export/policy.onnx when it was exported from this very checkpoint (its SHA-256 in the contract), else a
+    fresh export of the checkpoint in tmp_dir."""
+    path = ec.run_dir_of(args.checkpoint) / "export" / "policy.onnx"
+    if path.exists():
+        try:
+            same = ec.OnnxPolicy(path).contract["source"]["sha256"] == ec.file_sha256(args.checkpoint)
+        except (UserError, KeyError, TypeError):
+            same = False
+        if same:
+            print(f"using {path} (exported from this checkpoint)", flush=True)
+            return path
+    export(agent, normalizer, env, args, tmp_dir)
+    print(f"exported {args.checkpoint} to a temporary ONNX file; the policy below is loaded from it alone", flush=True)
+    return tmp_dir / "policy.onnx"
+
+
+def check_contract(contract: dict, env: Go1Env, args: Args, path: Path) -> None:
+    """UserError unless an exported policy's contract states this task's observation, joints, action scale, home
+    pose and control period: the sim-to-sim run reads the ONNX file, and a stale file must not pass unnoticed."""
+    expected = policy_contract(env, args, with_source=False)
+    wrong = [
+        key
+        for key in ("observation", "actions", "timing")
+        if json.loads(json.dumps(contract.get(key))) != json.loads(json.dumps(expected[key]))
+    ]
+    if wrong:
+        raise UserError(f"{path}'s contract differs from this task's in {', '.join(wrong)}: export it again")
+
+
+def export(agent, normalizer, env, args: Args, out_dir: Path) -> list[Path]:
+    """The deployed policy (normalizer folded in, actions clipped) as TorchScript and ONNX in out_dir; the ONNX file
+    carries policy_contract() in its metadata, also written beside it as policy.json."""
+    policy = ec.deployed_policy(normalizer, agent.actor, clip=ACTION_CLIP)
+    return ec.export_policy(policy, env.num_obs, out_dir, policy_contract(env, args))
+
+
+def policy_contract(env: Go1Env, args: Args, with_source: bool = True) -> dict:
+    """What a robot's code needs to run the exported policy, each section read from where the task reads it (the
+    OBSERVATION table, the MuJoCo model, the task's settings): observation layout, joints in action order, home pose,
+    action scale and clipping, timing, PD gains, the folded-in normalizer; then where it came from (the checkpoint
+    and its arguments) and the versions. The README shows how to run the policy from it."""
+    mjm, nu = env.sim.mjm, env.num_actions
+    actuators = ec.actuator_contract(mjm)
+    contract = {
+        "format": ec.CONTRACT_FORMAT,
+        "script": SCRIPT,
+        "task": "follow a commanded trunk velocity (vx, vy in the trunk frame) and yaw rate on flat ground",
+        "robot": {"model": f"assets/{ASSET}", "sha256": ec.file_sha256(ec.ASSETS / ASSET)},
+        "inputs": {"obs": {"shape": ["batch", env.num_obs], "dtype": "float32", "is": "the raw observation"}},
+        "outputs": {"actions": {"shape": ["batch", nu], "dtype": "float32"}},
+        "observation": ec.observation_contract(OBSERVATION, nu),
+        "normalizer": {
+            "folded_in": True,
+            "clip": args.obs_clip,
+            "is": "inside the network: feed raw observations; it subtracts the training mean, divides by the "
+            "standard deviation and clips to +-clip",
+        },
+        "actions": {
+            "joints": actuators["joints"],
+            "actuators": actuators["actuators"],
+            "clip": [-ACTION_CLIP, ACTION_CLIP],
+            "scale": env.cfg.action_scale,
+            "home_pose": env.default_dof_pos.tolist(),
+            "to_ctrl": "joint target (rad) = home_pose + scale * action (clipped), the ctrl of the position servo of "
+            "the same index, held for the control period",
+        },
+        "timing": {
+            "policy_dt": env.dt,
+            "physics_dt": float(mjm.opt.timestep),
+            "decimation": env.sim.decimation,
+        },
+        "actuators": actuators,
+        "conventions": {
+            "quaternion": "MuJoCo's (w, x, y, z)",
+            "frames": "world: z up; trunk: x forward, y left, z up",
+            "free_joint": "qpos[0:3] position and qpos[3:7] orientation of the trunk (world); qvel[0:3] its linear "
+            "velocity (world frame), qvel[3:6] its angular velocity (trunk frame)",
+        },
+        "task_args": {name: getattr(args, name) for name in TASK_ARGS},
+    }
+    if with_source:
+        contract["source"] = ec.checkpoint_source(args.checkpoint, SCRIPT)
+        contract["versions"] = ec.versions(("torch", "mujoco", "mujoco-warp", "warp-lang", "onnx"))
+        contract["exported"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return contract
+
+
+# The viewer's keys (GLFW key names): which command (0 vx, 1 vy, 2 yaw rate) each changes, and in which direction.
+VIEWER_KEYS = {"UP": (0, 1), "DOWN": (0, -1), "PAGE_UP": (1, 1), "PAGE_DOWN": (1, -1), "LEFT": (2, 1), "RIGHT": (2, -1)}
+VIEWER_KEY_STEP = 0.1  # m/s or rad/s per key press
+VIEWER_TEXT_EVERY = 10  # policy steps between two updates of the viewer's command and velocity figures
+
+
+@torch.no_grad()
+def play_in_viewer(agent, normalizer, device, args: Args) -> None:
+    """--eval --viewer: one robot under the deterministic policy in MuJoCo's interactive viewer, in real time, on
+    MuJoCo's C engine (the viewer draws the MjData that ec.CEngineSim steps, so a mouse perturbation, a double-click
+    on the trunk then Ctrl + right drag, pushes the robot). Commands are drawn as in --eval until a key is pressed;
+    from then on Up/Down change vx, Page Up/Page Down vy, Left/Right the yaw rate (VIEWER_KEY_STEP each, within the
+    training ranges), Home stops. A fall restarts the robot. Closing the window or Ctrl-C ends it; nothing is
+    written."""
+    import glfw
+
+    keys = {getattr(glfw, f"KEY_{name}"): move for name, move in VIEWER_KEYS.items()}
+    cfg = dataclasses.replace(  # the nominal model (perturb it with the mouse), no time-outs
+        Go1Config.from_args(args),
+        solver=None,
+        episode_length_s=3600.0,
+        domain_rand=False,
+        push_interval_s=0.0,
+        obs_noise=False,
+    )
+    ranges = (cfg.lin_vel_x_range, cfg.lin_vel_y_range, cfg.ang_vel_yaw_range)
+    env = Go1Env(1, device, cfg, sim=ec.CEngineSim)
+    obs, keyboard = env.reset(), []  # keyboard: the command set by keys, once one was pressed
+
+    def on_key(key: int) -> None:  # called by the viewer's thread
+        if key == glfw.KEY_HOME or (key in keys and not keyboard):
+            keyboard[:] = [0.0, 0.0, 0.0]
+        if key in keys:
+            i, sign = keys[key]
+            keyboard[i] = min(max(keyboard[i] + sign * VIEWER_KEY_STEP, ranges[i][0]), ranges[i][1])
+
+    steps = 0
+    with ec.viewer_window(env.sim.mjm, env.sim.datas[0], on_key) as viewer:
+        with viewer.lock():
+            viewer.cam.type, viewer.cam.trackbodyid = ec.mujoco.mjtCamera.mjCAMERA_TRACKING, env.trunk
+            viewer.cam.distance, viewer.cam.elevation = 1.5, -20.0
+        print(
+            f"viewer: playing {args.checkpoint} in MuJoCo's C engine; keys: Up/Down vx, Page Up/Page Down vy, "
+            "Left/Right yaw rate, Home stop; close the window or press Ctrl-C to end",
+            flush=True,
+        )
+        try:
+            while viewer.is_running():
+                start = time.perf_counter()
+                with viewer.lock():
+                    obs = env.step(agent.act_deterministic(normalizer(obs)))[0]
+                    if keyboard:
+                        env.commands[0] = torch.tensor(keyboard, device=device)
+                        obs = env._observe()  # the policy sees the keyboard's command from this step on
+                steps += 1
+                if steps % VIEWER_TEXT_EVERY == 1:  # set_texts waits for the next frame: not at every step
+                    command = env.commands[0].tolist()
+                    actual = env.base_lin_vel[0, :2].tolist() + env.root_ang_vel_b[0, 2:].tolist()
+                    rows = ["command  actual", *(f"{c:+.2f}  {a:+.2f}" for c, a in zip(command, actual))]
+                    rows.append("keys" if keyboard else "random (until a key)")
+                    labels = ["", "vx (m/s)", "vy (m/s)", "yaw rate (rad/s)", "commands from"]
+                    viewer.set_texts((None, ec.mujoco.mjtGridPos.mjGRID_TOPLEFT, "\n".join(labels), "\n".join(rows)))
+                viewer.sync()
+                time.sleep(max(0.0, start + env.dt - time.perf_counter()))  # real time, or as fast as it goes
+        except KeyboardInterrupt:
+            pass
+    print(f"viewer: played {steps} policy steps ({steps * env.dt:.1f} s of simulated time)", flush=True)
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ class Args:
     eval: bool = False
     """play the deterministic policy of --checkpoint on fresh targets and print its metrics; no training"""
     export: bool = False
-    """write the policy of --checkpoint, normalizer folded in, as TorchScript and ONNX"""
+    """write the policy of --checkpoint (normalizer folded in) as TorchScript and ONNX, with its contract"""
     tf32: bool = True
     """on a GPU, let float32 matrix products use TF32 tensor cores"""
     compile: bool = True
@@ -178,6 +178,18 @@ FINE_SIGMA = 0.02  # m
 # Targets are sampled uniformly in this box (m, world frame, base at the origin): in front of the arm, inside its
 # reach with margin, away from the base column and the floor.
 TARGET_LOW, TARGET_HIGH = (0.3, -0.35, 0.15), (0.7, 0.35, 0.65)
+
+# The observation, term by term in this order: name, size ("nu": one per actuator, in action order), units, meaning.
+# ReachEnv._observe concatenates the terms by this table, ReachEnv's docstring shows it, and --export writes it into
+# the policy's contract.
+OBSERVATION = (
+    ("joint_pos", "nu", "1", "joint positions scaled over the joint ranges: 2 (q - lower) / (upper - lower) - 1"),
+    ("joint_vel", "nu", "rad/s", "joint velocities"),
+    ("ee_pos", 3, "m", "position of the end-effector site, world frame (the arm's base at the origin)"),
+    ("target_pos", 3, "m", "position of the target, world frame"),
+    ("target_minus_ee", 3, "m", "target position minus end-effector position, world frame"),
+    ("last_action", "nu", "1", "the previous policy step's actions, clipped to [-1, 1]"),
+)
 
 
 @dataclass
@@ -322,10 +334,10 @@ def make_torque_actuators(mjm, no_load_speed) -> None:
 class ReachEnv:
     """Batched reaching. All state lives in (num_envs, ...) tensors on the device, written in place.
 
-    Observation layout (num_obs = 9 + 3 * num_actions = 30 for the Panda; normalized by ObservationNormalizer):
-      [0:7]   joint positions scaled to [-1, 1] over their ranges   [7:14]  joint velocities (rad/s)
-      [14:17] end-effector position (m, world)                      [17:20] target position (m, world)
-      [20:23] target - end-effector (m)                             [23:30] last actions
+    Observation layout (the OBSERVATION table; num_obs = 9 + 3 * nu = 30 for the Panda; raw, the normalizer scales):
+      [0:7]   joint_pos: scaled to [-1, 1] over the joint ranges   [7:14]  joint_vel (rad/s)
+      [14:17] ee_pos: end-effector position (m, world)             [17:20] target_pos (m, world)
+      [20:23] target_minus_ee (m)                                  [23:30] last_action
     Each target stays for target_hold_s (as in Isaac Lab's reach); it is a success when the end-effector stays
     within success_threshold over the hold's last success_window_s. Episodes have a fixed length (a bootstrapped
     time-out); a target cut short by the episode's end is counted as censored, not as a success or a failure.
@@ -346,7 +358,7 @@ class ReachEnv:
         decimation = max(1, round(POLICY_DT / mjm.opt.timestep))
         self.sim = s = ec.BatchedSim(mjm, num_envs, device, decimation=decimation)
         self.num_actions = nu = mjm.nu
-        self.num_obs = 9 + 3 * nu
+        self.num_obs = ec.observation_size(OBSERVATION, nu)
         self.dt = mjm.opt.timestep * decimation
         self.max_episode_length = int(round(cfg.episode_length_s / self.dt))
         self.hold_steps = max(1, int(round(cfg.target_hold_s / self.dt)))
@@ -469,9 +481,16 @@ class ReachEnv:
         return self.sim.site_xpos[:, self.ee_site]
 
     def _observe(self) -> torch.Tensor:
-        q_scaled = 2.0 * (self.dof_pos - self.lower) / (self.upper - self.lower) - 1.0
         ee = self.ee_pos
-        return torch.cat([q_scaled, self.dof_vel, ee, self.target, self.target - ee, self.actions], dim=-1)
+        terms = {
+            "joint_pos": 2.0 * (self.dof_pos - self.lower) / (self.upper - self.lower) - 1.0,
+            "joint_vel": self.dof_vel,
+            "ee_pos": ee,
+            "target_pos": self.target,
+            "target_minus_ee": self.target - ee,
+            "last_action": self.actions,
+        }
+        return torch.cat([terms[name] for name, *_ in OBSERVATION], dim=-1)
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self, actions: torch.Tensor):
@@ -1120,11 +1139,12 @@ EVAL_UNITS = {"success_rate": "", "hold_error": "m", "reached_rate": "", "time_t
 
 
 def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
-    """--export: the policy as TorchScript and ONNX in <run>/export; --eval: its metrics as a table and in
-    <run>/eval.json (and a video with --capture-video)."""
+    """--export: the policy as TorchScript and ONNX with its contract in <run>/export; --eval: its metrics as a table
+    and in <run>/eval.json (and a video with --capture-video)."""
     if args.export:
+        policy = ec.deployed_policy(normalizer, agent.actor, clip=1.0)
         out_dir = ec.run_dir_of(args.checkpoint) / "export"
-        for path in ec.export_policy(ec.deployed_policy(normalizer, agent.actor, clip=1.0), env.num_obs, out_dir):
+        for path in ec.export_policy(policy, env.num_obs, out_dir, policy_contract(env, args)):
             print(f"wrote {path}")
         return
     print(
@@ -1168,6 +1188,61 @@ def evaluate(agent, normalizer, device, args: Args, num_envs: int) -> dict[str, 
         "mean_distance": s["mean_distance"],
         "targets": int(s["targets"]),
         "censored_targets": int(s["censored_targets"]),
+    }
+
+
+# How each control type turns actions into the servos' ctrl (ActionHandler's formulas), for the export's contract.
+ACTION_TO_CTRL = {
+    "torque": "ctrl = c + clamp(a * torque_limit - c, -max_torque_step, max_torque_step)",
+    "position": "ctrl = clamp(clamp(c + clamp(goal - c, -max_step, max_step), q - max_lead, q + max_lead), lower, "
+    "upper) with goal = lower + (a + 1) / 2 * (upper - lower)",
+    "position_delta": "ctrl = clamp(clamp(c + a * max_delta * max_step, q - max_lead, q + max_lead), lower, upper)",
+}
+
+
+def policy_contract(env: ReachEnv, args: Args) -> dict:
+    """What a robot's code needs to run the exported policy, each section read from where the task reads it (the
+    OBSERVATION table, the MuJoCo model as simulated, the action handler): observation layout, joints in action
+    order, home pose, action clipping and the action-to-ctrl mapping with its limits, timing, the actuators' force
+    laws, the folded-in normalizer; then where it came from (the checkpoint and its arguments) and the versions."""
+    mjm, nu, h = env.sim.mjm, env.num_actions, env.actions_to_ctrl
+    actuators = ec.actuator_contract(mjm)
+    limits = {"lower": h.lower, "upper": h.upper, "max_step": h.max_step, "max_lead": h.max_lead}
+    if env.cfg.control_type == "torque":
+        limits = {"torque_limit": h.torque_limit, "max_torque_step": h.max_torque_step}
+    elif env.cfg.control_type == "position_delta":
+        limits["max_delta"] = torch.tensor(env.cfg.max_delta)
+    return {
+        "format": ec.CONTRACT_FORMAT,
+        "script": SCRIPT,
+        "task": "hold the end-effector site on a target position",
+        "robot": {"model": f"assets/{ASSET}", "sha256": ec.file_sha256(ec.ASSETS / ASSET), "ee_site": EE_SITE},
+        "inputs": {"obs": {"shape": ["batch", env.num_obs], "dtype": "float32", "is": "the raw observation"}},
+        "outputs": {"actions": {"shape": ["batch", nu], "dtype": "float32"}},
+        "observation": ec.observation_contract(OBSERVATION, nu),
+        "normalizer": {
+            "folded_in": True,
+            "clip": args.obs_clip,
+            "is": "inside the network: feed raw observations; it subtracts the training mean, divides by the "
+            "standard deviation and clips to +-clip",
+        },
+        "actions": {
+            "joints": actuators["joints"],
+            "clip": [-1.0, 1.0],
+            "control_type": env.cfg.control_type,
+            "to_ctrl": ACTION_TO_CTRL[env.cfg.control_type] + "; a: the action, c: the previous ctrl, q: the "
+            "measured joint positions; every limit per joint",
+            **{name: value.tolist() for name, value in limits.items()},
+            "ctrl_at_reset": "zero torque" if env.cfg.control_type == "torque" else "the measured joint positions",
+            "home_pose": env.sim.default_qpos.tolist(),
+        },
+        "timing": {"policy_dt": env.dt, "physics_dt": float(mjm.opt.timestep), "decimation": env.sim.decimation},
+        "actuators": actuators,
+        "conventions": {"frames": "world: z up, the arm's base at the origin"},
+        "task_args": {name: getattr(args, name) for name in TASK_ARGS},
+        "source": ec.checkpoint_source(args.checkpoint, SCRIPT),
+        "versions": ec.versions(("torch", "mujoco", "mujoco-warp", "warp-lang", "onnx")),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 

@@ -67,9 +67,21 @@ CASES = [
     ),
     ("more-envs-than-memory", ["--device", "cpu", "--num-envs", "1000000000"], {}, ["GiB", "use --num-envs"]),
 ]
+EVAL_GOOD = [*CPU, "--eval", "--checkpoint", "{ckpts}/good.pt"]
 LOCOMOTION_ONLY = [
     ("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"]),
     ("push-within-a-step", [*CPU, "--push-interval-s", "0.001"], {}, ["--push-interval-s", "0 for no pushes"]),
+    ("sim2sim-without-eval", [*CPU, "--sim2sim", "--checkpoint", "{ckpts}/good.pt"], {}, ["--sim2sim", "add --eval"]),
+    ("viewer-without-eval", [*CPU, "--viewer"], {}, ["--viewer", "add --eval"]),
+    ("sim2sim-and-viewer", [*EVAL_GOOD, "--sim2sim", "--viewer"], {}, ["--sim2sim and --viewer", "one of them"]),
+    ("viewer-and-video", [*EVAL_GOOD, "--viewer", "--capture-video"], {}, ["--capture-video", "--viewer"]),
+    ("sim2sim-and-video", [*EVAL_GOOD, "--sim2sim", "--capture-video"], {}, ["--capture-video", "--sim2sim"]),
+    (
+        "viewer-without-display",
+        [*EVAL_GOOD, "--viewer"],
+        {"DISPLAY": None, "WAYLAND_DISPLAY": None},
+        ["--viewer", "no display", "DISPLAY", "--capture-video"],
+    ),
 ]
 REACH_ONLY = [
     (
@@ -156,6 +168,8 @@ NO_BAD_VALUE = {
     "domain_rand",
     "obs_noise",
     "action_delay",
+    "sim2sim",
+    "viewer",
 }
 FLAG_NAMES = {"device": "device", "checkpoint": "checkpoint"}  # messages that name the problem without the flag
 FIELD_CASES = []

@@ -274,6 +274,38 @@ def test_contact_forces_match_mujoco_c():
     assert largest > 0.3 * weight, "no world touched the ground: the test compared zeros"
 
 
+def test_c_engine_sim_is_mj_step_behind_batched_sims_interface(tmp_path, monkeypatch):
+    """CEngineSim (sim-to-sim's second simulator) against plain mj_step from the same state: positions, velocities
+    and contact forces after a policy step, a reset of chosen worlds only, and a blow-up flagged as non-finite
+    (MuJoCo's own silent reset to qpos0 is off, so it cannot pass for a healthy world)."""
+    monkeypatch.chdir(tmp_path)  # MuJoCo logs the blow-up's warnings to MUJOCO_LOG.TXT in the working folder
+    mjm = ec.load_model(ASSETS["go1"])
+    n = 3
+    sim = ec.CEngineSim(mjm, n, "cpu", decimation=4, contact_forces=True)
+    sim.ctrl.add_(0.3 * torch.randn(n, mjm.nu, generator=torch.Generator().manual_seed(1)))
+    refs = [_c_data_from_world(mjm, sim, i) for i in range(n)]
+    for _ in range(10):
+        sim.step()
+        for data in refs:
+            mujoco.mj_step(mjm, data, nstep=4)
+    for i, data in enumerate(refs):
+        mujoco.mj_rnePostConstraint(mjm, data)
+        np.testing.assert_allclose(sim.qpos[i].numpy(), data.qpos, atol=1e-6)
+        np.testing.assert_allclose(sim.qvel[i].numpy(), data.qvel, atol=1e-5)
+        np.testing.assert_allclose(sim.contact_force[i].numpy(), data.cfrc_ext[:, 3:6], atol=1e-4)
+    weight = float(mjm.body_subtreemass[1] * 9.81)
+    assert sim.contact_force[..., 2].sum(dim=1).max() > 0.5 * weight, "no robot on the ground: zeros compared"
+    before = sim.qpos.clone()
+    sim.reset(torch.tensor([1]), sim.default_qpos[None])
+    assert torch.equal(sim.qpos[[0, 2]], before[[0, 2]]) and torch.equal(sim.qpos[1], sim.default_qpos)
+    np.testing.assert_array_equal(sim.datas[1].qpos, sim.default_qpos.double().numpy())
+    qvel = torch.zeros(1, mjm.nv)
+    qvel[0, 6:] = 1e11  # beyond MuJoCo's limit of a sane velocity (mjMAXVAL)
+    sim.reset(torch.tensor([2]), sim.default_qpos[None], qvel)
+    sim.step()
+    assert sim.nonfinite().tolist() == [False, False, True] and not sim.overflowed().any()
+
+
 @pytest.mark.skipif(
     ON_GPU,
     reason="on a GPU, MuJoCo Warp's float atomics (contact slots, constraint sums) make two "

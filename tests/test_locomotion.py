@@ -1,19 +1,25 @@
 """ppo_isaac_locomotion.py as a user runs it (subprocesses on the CPU, tiny sizes), and its pieces against
 references: GAE against a plain NumPy loop, the normalizer against NumPy's statistics, every reward term on
-hand-built states, the exported policy against the script's own."""
+hand-built states, the exported policy and its contract against the script's own, the exported policy in MuJoCo's C
+engine against MuJoCo Warp (sim-to-sim), and the viewer on a virtual display."""
 
 import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mujoco
 import numpy as np
 import pytest
 import torch
+
+import envs_common as ec
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "ppo_isaac_locomotion.py"
@@ -161,25 +167,258 @@ def test_eval_prints_the_task_metrics(trained_run, rendering_problem):
     assert "nominal" in out.stdout and "randomized" in out.stdout
 
 
-def test_export_matches_the_scripts_own_policy(trained_run):
+@pytest.fixture(scope="module")
+def exported(trained_run):
+    """The trained run's latest checkpoint, exported once with --export: (run folder, checkpoint, ONNX file)."""
     cwd, run_dir, _ = trained_run
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     out = run(["--device", "cpu", "--export", "--checkpoint", str(ckpt_path)], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("policy.pt", "policy.onnx", "policy.json"):
+        assert f"wrote {run_dir / 'export' / name}" in out.stdout
+    return run_dir, ckpt_path, run_dir / "export" / "policy.onnx"
+
+
+def scripts_policy(ckpt_path):
+    """The script's own deterministic policy of a checkpoint: raw observations -> clipped actions."""
     ckpt = torch.load(ckpt_path, weights_only=False)
     agent = loco.ActorCritic(ckpt["obs_dim"], ckpt["act_dim"])
     agent.load_state_dict(ckpt["model"])
-    normalizer = loco.ObservationNormalizer(ckpt["obs_dim"])
+    normalizer = loco.ObservationNormalizer(ckpt["obs_dim"], clip=ckpt["args"]["obs_clip"])
     normalizer.load_state_dict(ckpt["normalizer"])
-    obs = torch.randn(64, ckpt["obs_dim"]) * 2
+    return lambda obs: agent.act_deterministic(normalizer(obs)).clamp(-loco.ACTION_CLIP, loco.ACTION_CLIP)
+
+
+def test_export_matches_the_scripts_own_policy(exported):
+    run_dir, ckpt_path, onnx_path = exported
+    obs = torch.randn(64, 48) * 2
     with torch.no_grad():
-        expected = agent.act_deterministic(normalizer(obs))
+        expected = scripts_policy(ckpt_path)(obs)
     scripted = torch.jit.load(str(run_dir / "export" / "policy.pt"))
     torch.testing.assert_close(scripted(obs), expected)
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(run_dir / "export" / "policy.onnx"))
+    session = ort.InferenceSession(str(onnx_path))
     np.testing.assert_allclose(session.run(None, {"obs": obs.numpy()})[0], expected.numpy(), atol=1e-5)
+
+
+def observation_from_contract(contract, qpos, qvel, command, last_action):
+    """What a robot's code does with the contract alone: each observation term from the state (qpos, qvel as MuJoCo
+    lays them out, the command, the last action), rotated with MuJoCo's own quaternion functions, put at the
+    contract's slices."""
+    inverse = np.empty(4)
+    mujoco.mju_negQuat(inverse, qpos[3:7])
+
+    def to_trunk(v):
+        out = np.empty(3)
+        mujoco.mju_rotVecQuat(out, np.asarray(v, dtype=np.float64), inverse)
+        return out
+
+    actuators = contract["actuators"]
+    terms = {
+        "base_lin_vel": to_trunk(qvel[0:3]),
+        "base_ang_vel": qvel[3:6],
+        "projected_gravity": to_trunk([0.0, 0.0, -1.0]),
+        "command": command,
+        "joint_pos": qpos[actuators["qpos_index"]] - np.array(contract["actions"]["home_pose"]),
+        "joint_vel": qvel[actuators["qvel_index"]],
+        "last_action": last_action,
+    }
+    assert [e["name"] for e in contract["observation"]] == list(terms), "a term this test does not know"
+    obs = np.full(contract["inputs"]["obs"]["shape"][1], np.nan)
+    for entry in contract["observation"]:
+        start, stop = entry["slice"]
+        obs[start:stop] = terms[entry["name"]]
+    return obs
+
+
+def test_the_onnx_file_alone_runs_the_policy(exported):
+    """The contract in the ONNX file's metadata (and in policy.json) is enough to run the policy: observations built
+    from it, for states of the script's environment, give the script's own actions; joints, home pose, gains and
+    timing are the model's."""
+    import onnxruntime as ort
+
+    run_dir, ckpt_path, onnx_path = exported
+    session = ort.InferenceSession(str(onnx_path))
+    contract = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    assert contract == json.loads((run_dir / "export" / "policy.json").read_text())
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert contract["source"]["iteration"] == ckpt["iteration"] and contract["source"]["args"] == json.loads(
+        json.dumps(ckpt["args"])
+    )
+    assert contract["normalizer"]["folded_in"] and contract["normalizer"]["clip"] == ckpt["args"]["obs_clip"]
+    assert contract["versions"]["mujoco"] == mujoco.__version__
+    # Joints, home pose, gains and timing against go1.xml read here.
+    mjm = mujoco.MjModel.from_xml_path(str(ROOT / contract["robot"]["model"]))
+    joints = [mujoco.mj_id2name(mjm, mujoco.mjtObj.mjOBJ_JOINT, j) for j in mjm.actuator_trnid[:, 0]]
+    assert contract["actions"]["joints"] == joints and len(joints) == 12
+    assert contract["actions"]["home_pose"] == pytest.approx(mjm.key_qpos[0][mjm.jnt_qposadr[mjm.actuator_trnid[:, 0]]])
+    assert contract["actuators"]["kp"] == pytest.approx(mjm.actuator_gainprm[:, 0].tolist())
+    assert contract["actuators"]["kd"] == pytest.approx((-mjm.actuator_biasprm[:, 2]).tolist())
+    timing = contract["timing"]
+    assert timing["physics_dt"] == mjm.opt.timestep and timing["policy_dt"] == pytest.approx(
+        timing["physics_dt"] * timing["decimation"]
+    )
+    assert contract["actions"]["scale"] == ckpt["args"]["action_scale"]
+    assert contract["actions"]["clip"] == [-100.0, 100.0]
+
+    # States of the script's environment: random actions for a few steps (tilted, moving, some resets).
+    torch.manual_seed(3)
+    env = loco.Go1Env(8, torch.device("cpu"))
+    env.reset()
+    for _ in range(6):
+        env.step(torch.randn(8, 12))
+    qpos, qvel = env.sim.qpos.double().numpy(), env.sim.qvel.double().numpy()
+    user_obs = np.stack(
+        [
+            observation_from_contract(contract, qpos[i], qvel[i], env.commands[i].numpy(), env.actions[i].numpy())
+            for i in range(8)
+        ]
+    )
+    np.testing.assert_allclose(user_obs, env._observe().numpy(), atol=1e-5)
+    with torch.no_grad():
+        expected = scripts_policy(ckpt_path)(env._observe())
+    actions = session.run(["actions"], {"obs": user_obs.astype(np.float32)})[0]
+    np.testing.assert_allclose(actions, expected.numpy(), atol=1e-4)
+
+
+def test_observation_table_docstring_and_function_agree():
+    """Go1Env's docstring shows the OBSERVATION table's slices and names, and observation() lays the terms out so."""
+    shown = re.findall(r"\[(\d+):(\d+)\]\s+(\w+)", loco.Go1Env.__doc__)
+    table = ec.observation_contract(loco.OBSERVATION, 12)
+    assert [(int(a), int(b), name) for a, b, name in shown] == [(*e["slice"], e["name"]) for e in table]
+    qpos, qvel = torch.randn(2, 19), torch.randn(2, 18)
+    qpos[:, 3:7] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # upright: trunk frame = world frame
+    obs = loco.observation(qpos, qvel, torch.randn(2, 3), torch.randn(2, 12), torch.zeros(12))
+    torch.testing.assert_close(obs[:, 0:6], qvel[:, 0:6])
+    torch.testing.assert_close(obs[:, 6:9], torch.tensor([[0.0, 0.0, -1.0]] * 2))
+    torch.testing.assert_close(obs[:, 12:24], qpos[:, 7:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sim-to-sim: the exported policy in MuJoCo's C engine
+# ---------------------------------------------------------------------------------------------------------------
+def test_sim2sim_agrees_with_mujoco_warp_over_the_first_steps(exported):
+    """The exported policy (onnxruntime) in MuJoCo's C engine against the script's policy in MuJoCo Warp, from the
+    same initial states and commands (the same seed): 16 robots, the first 25 policy steps (0.5 s; the drop from
+    the randomized reset pose and velocity onto the feet, where contacts make the largest differences).
+
+    Tolerance, on the RMS over robots, steps and axes: 0.01 m/s for the trunk's linear velocity, 0.05 rad/s for its
+    angular velocity. The two engines share the model and the algorithm (Newton, pyramidal cones, implicitfast, 4
+    iterations) but MuJoCo Warp runs in float32 and MuJoCo C in float64, and each contact's onset can shift by a
+    physics step; measured at this size: 0.0008 m/s and 0.004 rad/s (up to 0.0033 and 0.021 with other seeds).
+    The bound still catches real differences: PD gains 10% lower in MuJoCo C give 0.023 m/s and 0.084 rad/s,
+    MuJoCo Warp with --solver 1 5 0.075 m/s and 0.24 rad/s."""
+    run_dir, ckpt_path, onnx_path = exported
+    onnx_policy, own_policy = ec.OnnxPolicy(onnx_path), scripts_policy(ckpt_path)
+    cpu, cfg = torch.device("cpu"), loco.Go1Config.from_args(loco.Args())
+
+    def trajectory(sim, policy):
+        with ec.separate_rng(10_001, cpu), torch.no_grad():
+            env = loco.Go1Env(16, cpu, cfg, sim=sim)
+            obs = env.reset()
+            first, rows = obs.clone(), []
+            for _ in range(25):
+                obs = env.step(policy(obs))[0]
+                rows.append(torch.cat([env.base_lin_vel, env.root_ang_vel_b], dim=1))
+        return first, env.commands.clone(), torch.stack(rows)
+
+    first_w, commands_w, warp = trajectory(None, own_policy)
+    first_c, commands_c, c = trajectory(ec.CEngineSim, onnx_policy)
+    assert torch.equal(first_w, first_c) and torch.equal(commands_w, commands_c), "not the same start"
+    rms = (warp - c).square().mean(dim=(0, 1)).sqrt()
+    assert rms[:3].norm() / 3**0.5 < 0.01, f"linear velocity RMS difference {rms[:3]} m/s"
+    assert rms[3:].norm() / 3**0.5 < 0.05, f"angular velocity RMS difference {rms[3:]} rad/s"
+    assert warp[..., :3].abs().max() > 0.1, "nothing moved: the comparison would show nothing"
+
+
+def test_sim2sim_prints_both_simulators(exported):
+    """`--eval --sim2sim` as a user runs it: the run's own export (of this checkpoint) in MuJoCo C beside MuJoCo
+    Warp, both tables' rows, sim2sim.json, and figures that agree for this standing policy."""
+    run_dir, ckpt_path, onnx_path = exported
+    out = run(["--device", "cpu", "--eval", "--sim2sim", "--num-envs", "2", "--checkpoint", str(ckpt_path)], run_dir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"using {onnx_path} (exported from this checkpoint)" in out.stdout
+    assert "MuJoCo Warp" in out.stdout and "MuJoCo C (ONNX)" in out.stdout
+    result = json.loads((run_dir / "sim2sim.json").read_text())
+    for simulator in ("mujoco_warp", "mujoco_c"):
+        metrics = result[simulator]
+        for key in ("lin_vel_error", "lin_vel_error_steady", "yaw_rate_error", "fall_rate", "fall_rate_ci95_high"):
+            assert f"  {key} " in out.stdout and math.isfinite(metrics[key]), (simulator, key)
+        assert metrics["episodes"] >= 2
+    assert result["mujoco_c"]["lin_vel_error"] == pytest.approx(result["mujoco_warp"]["lin_vel_error"], abs=0.02)
+    assert result["mujoco_c_solver"] == {"iterations": 4, "ls_iterations": 8}  # go1.xml's own
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The viewer
+# ---------------------------------------------------------------------------------------------------------------
+def test_viewer_draws_the_policy_on_a_virtual_display(trained_run, tmp_path):
+    """`--eval --viewer` under Xvfb (a display in memory): the viewer opens, draws the scene (a screenshot of the
+    display is not blank, where it was before), plays policy steps, and Ctrl-C ends it cleanly."""
+    import signal
+    import threading
+
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("Xvfb is not installed (Debian/Ubuntu: apt-get install xvfb): no display for the viewer")
+    from PIL import ImageGrab
+
+    _, run_dir, _ = trained_run
+    server = subprocess.Popen(
+        [xvfb, "-displayfd", "1", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        display = ":" + server.stdout.readline().decode().strip()  # written once the server accepts clients
+        blank = np.asarray(ImageGrab.grab(xdisplay=display))
+        env = {**os.environ, "DISPLAY": display, "PYTHONUNBUFFERED": "1"}
+        args = ["--device", "cpu", "--eval", "--viewer", "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")]
+        viewer = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines, started = [], threading.Event()
+
+        def read():
+            for line in viewer.stdout:
+                lines.append(line)
+                if line.startswith("viewer: playing"):
+                    started.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert started.wait(180), "".join(lines)
+        time.sleep(3.0)
+        shot = np.asarray(ImageGrab.grab(xdisplay=display))
+        viewer.send_signal(signal.SIGINT)
+        viewer.wait(60)
+        reader.join(10)
+    finally:
+        server.terminate()
+        server.wait(10)
+    output = "".join(lines)
+    assert viewer.returncode == 0, output
+    assert blank.std() == 0, "the display was not blank before the viewer opened"
+    colours = len(np.unique(shot.reshape(-1, 3), axis=0))
+    assert shot.std() > 10 and colours > 100, f"nothing drawn: {colours} colours"
+    played = int(re.search(r"viewer: played (\d+) policy steps", output).group(1))
+    assert played > 0, output
+    assert list(tmp_path.iterdir()) == [], "the viewer wrote files"
+
+
+def test_viewer_without_a_reachable_display_says_so(monkeypatch):
+    """A DISPLAY that no X server answers: one UserError naming the display, not a viewer waiting forever."""
+    monkeypatch.setenv("DISPLAY", ":987")
+    mjm = mujoco.MjModel.from_xml_string("<mujoco/>")
+    with pytest.raises(ec.UserError, match=r"--viewer cannot open a window \(.*:987"):
+        with ec.viewer_window(mjm, mujoco.MjData(mjm)):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,7 +671,7 @@ def test_observation_noise_has_the_configured_scales():
     torch.manual_seed(4)
     env = make_env(8)
     draws = torch.cat([env._add_obs_noise(torch.zeros(8, env.num_obs)) for _ in range(512)])
-    sizes = {"lin_vel": 3, "ang_vel": 3, "gravity": 3, "commands": 3, "dof_pos": 12, "dof_vel": 12, "actions": 12}
+    sizes = {name: 12 if n == "nu" else n for name, n, *_ in loco.OBSERVATION}
     start = 0
     for group, size in sizes.items():
         block, scale = draws[:, start : start + size], loco.OBS_NOISE[group]

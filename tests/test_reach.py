@@ -3,10 +3,12 @@ test, and its pieces against references: the action mappings on hand-built actio
 states, the hold-based target metrics (success, touch-and-go, censored targets, hold error) on a still arm with
 hand-placed targets, the exported policy against the script's own."""
 
+import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -258,27 +260,105 @@ def test_eval_prints_the_task_metrics(trained_run):
     check_eval(metrics, targets=8)  # holds of 0.1 s (the checkpoint's), not 1.0 s: 2 targets per 0.2 s episode
 
 
-def test_export_matches_the_scripts_own_policy(trained_run):
+@pytest.fixture(scope="module")
+def exported(trained_run):
+    """The trained run's latest checkpoint, exported once with --export: (run folder, checkpoint)."""
     cwd, run_dir, _ = trained_run
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     out = run(["--device", "cpu", "--export", "--checkpoint", str(ckpt_path)], cwd)
     assert out.returncode == 0, out.stdout + out.stderr
+    return run_dir, ckpt_path
+
+
+def scripts_policy(ckpt):
+    agent = reach.ActorCritic(ckpt["obs_dim"], ckpt["act_dim"])
+    agent.load_state_dict(ckpt["model"])
+    normalizer = reach.ObservationNormalizer(ckpt["obs_dim"], clip=ckpt["args"]["obs_clip"])
+    normalizer.load_state_dict(ckpt["normalizer"])
+    return lambda obs: agent.act_deterministic(normalizer(obs)).clamp(-1.0, 1.0)  # the env clamps actions so
+
+
+def test_export_matches_the_scripts_own_policy(exported):
+    run_dir, ckpt_path = exported
     ckpt = torch.load(ckpt_path, weights_only=False)
     env = reach.ReachEnv(1, CPU)
     assert (ckpt["obs_dim"], ckpt["act_dim"]) == (env.num_obs, env.num_actions) == (30, 7)
-    agent = reach.ActorCritic(env.num_obs, env.num_actions)
-    agent.load_state_dict(ckpt["model"])
-    normalizer = reach.ObservationNormalizer(env.num_obs)
-    normalizer.load_state_dict(ckpt["normalizer"])
     obs = torch.randn(64, env.num_obs) * 2
     with torch.no_grad():
-        expected = agent.act_deterministic(normalizer(obs)).clamp(-1.0, 1.0)  # the env clamps actions so
+        expected = scripts_policy(ckpt)(obs)
     scripted = torch.jit.load(str(run_dir / "export" / "policy.pt"))
     torch.testing.assert_close(scripted(obs), expected)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(run_dir / "export" / "policy.onnx"))
     np.testing.assert_allclose(session.run(None, {"obs": obs.numpy()})[0], expected.numpy(), atol=1e-5)
+
+
+def test_the_onnx_file_alone_runs_the_policy(exported):
+    """The contract in the ONNX file's metadata (and in policy.json) is enough to run the policy: observations built
+    from it for states of the script's environment (the end-effector by MuJoCo C's kinematics of the named site)
+    give the script's own actions, and its action-to-ctrl mapping gives the script's ctrl."""
+    import onnxruntime as ort
+
+    run_dir, ckpt_path = exported
+    session = ort.InferenceSession(str(run_dir / "export" / "policy.onnx"))
+    contract = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    assert contract == json.loads((run_dir / "export" / "policy.json").read_text())
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert contract["source"]["iteration"] == ckpt["iteration"] and contract["normalizer"]["folded_in"]
+    actions_spec, actuators = contract["actions"], contract["actuators"]
+    assert actions_spec["control_type"] == ckpt["args"]["control_type"] == "position_delta"
+    mjm = mujoco.MjModel.from_xml_path(str(ROOT / contract["robot"]["model"]))
+    assert actions_spec["joints"] == [mujoco.mj_id2name(mjm, mujoco.mjtObj.mjOBJ_JOINT, j) for j in range(7)]
+    assert actuators["kp"] == pytest.approx(mjm.actuator_gainprm[:, 0].tolist())
+    assert contract["timing"]["policy_dt"] == pytest.approx(contract["timing"]["physics_dt"] * 4)
+
+    cfg = reach.ReachConfig(**{f.name: ckpt["args"][f.name] for f in dataclasses.fields(reach.ReachConfig)})
+    torch.manual_seed(2)
+    env = reach.ReachEnv(4, CPU, cfg)
+    env.reset()
+    for _ in range(3):
+        env.step(torch.rand(4, 7) * 2 - 1)
+    data = mujoco.MjData(mjm)
+    lower, upper = np.array(actions_spec["lower"]), np.array(actions_spec["upper"])
+    rows = []
+    for i in range(4):
+        data.qpos[:] = env.dof_pos[i].double().numpy()
+        mujoco.mj_kinematics(mjm, data)
+        ee, target = data.site(contract["robot"]["ee_site"]).xpos.copy(), env.target[i].double().numpy()
+        q, qd = data.qpos[actuators["qpos_index"]], env.dof_vel[i].double().numpy()[actuators["qvel_index"]]
+        terms = {
+            "joint_pos": 2 * (q - lower) / (upper - lower) - 1,
+            "joint_vel": qd,
+            "ee_pos": ee,
+            "target_pos": target,
+            "target_minus_ee": target - ee,
+            "last_action": env.actions[i].numpy(),
+        }
+        assert [e["name"] for e in contract["observation"]] == list(terms), "a term this test does not know"
+        obs = np.full(contract["inputs"]["obs"]["shape"][1], np.nan)
+        for entry in contract["observation"]:
+            obs[entry["slice"][0] : entry["slice"][1]] = terms[entry["name"]]
+        rows.append(obs)
+    user_obs = np.stack(rows)
+    np.testing.assert_allclose(user_obs, env._observe().numpy(), atol=1e-5)
+    with torch.no_grad():
+        expected = scripts_policy(ckpt)(env._observe())
+    actions = session.run(["actions"], {"obs": user_obs.astype(np.float32)})[0]
+    np.testing.assert_allclose(actions, expected.numpy(), atol=1e-4)
+    # position_delta: ctrl = clamp(clamp(c + a * max_delta * max_step, q - max_lead, q + max_lead), lower, upper)
+    c, q = env.sim.ctrl.double().numpy(), env.dof_pos.double().numpy()
+    lead, step = np.array(actions_spec["max_lead"]), np.array(actions_spec["max_step"])
+    ctrl = np.clip(np.clip(c + actions * actions_spec["max_delta"] * step, q - lead, q + lead), lower, upper)
+    scripts_ctrl = env.actions_to_ctrl(torch.from_numpy(actions), env.sim.ctrl, env.dof_pos)
+    np.testing.assert_allclose(ctrl, scripts_ctrl.numpy(), atol=1e-5)
+
+
+def test_observation_table_and_docstring_agree():
+    """ReachEnv's docstring shows the OBSERVATION table's slices and names."""
+    shown = re.findall(r"\[(\d+):(\d+)\]\s+(\w+)", reach.ReachEnv.__doc__)
+    table = reach.ec.observation_contract(reach.OBSERVATION, 7)
+    assert [(int(a), int(b), name) for a, b, name in shown] == [(*e["slice"], e["name"]) for e in table]
 
 
 # ---------------------------------------------------------------------------------------------------------------
