@@ -1653,7 +1653,7 @@ class CEngineSim:
         """(N,) bool: worlds whose contact or constraint arena filled up since their last reset."""
         return self._full.clone()
 
-    body_id, site_id, _id = BatchedSim.body_id, BatchedSim.site_id, BatchedSim._id  # names, looked up in mjm
+    body_id, site_id, geom_id, _id = BatchedSim.body_id, BatchedSim.site_id, BatchedSim.geom_id, BatchedSim._id
 
 
 # ----------------------------------------------------------------------------------------------------------------

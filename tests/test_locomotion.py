@@ -3,6 +3,7 @@ references: GAE against a plain NumPy loop, the normalizer against NumPy's stati
 hand-built states, the exported policy and its contract against the script's own, the exported policy in MuJoCo's C
 engine against MuJoCo Warp (sim-to-sim), and the viewer on a virtual display."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -311,7 +312,9 @@ def test_sim2sim_agrees_with_mujoco_warp_over_the_first_steps(exported):
     MuJoCo Warp with --solver 1 5 0.075 m/s and 0.24 rad/s."""
     run_dir, ckpt_path, onnx_path = exported
     onnx_policy, own_policy = ec.OnnxPolicy(onnx_path), scripts_policy(ckpt_path)
-    cpu, cfg = torch.device("cpu"), loco.Go1Config.from_args(loco.Args())
+    cpu = torch.device("cpu")
+    nominal = dict(domain_rand=False, push_interval_s=0.0, obs_noise=False)  # as --sim2sim evaluates
+    cfg = dataclasses.replace(loco.Go1Config.from_args(loco.Args()), **nominal)
 
     def trajectory(sim, policy):
         with ec.separate_rng(10_001, cpu), torch.no_grad():
