@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import ctypes.util
 import dataclasses
+import datetime
+import hashlib
 import importlib
+import io
 import json
 import math
 import os
@@ -30,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 
@@ -152,7 +156,12 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 class UserError(Exception):
-    """Bad input from the user. The scripts print its message as one line and exit with code 2."""
+    """Bad input from the user. The scripts print its message as one line and exit with code 2 (in a run of several
+    processes, rank 0 prints it: every process meets the same bad input)."""
+
+
+class RankError(UserError):
+    """Bad input that only some processes of a run meet (their device): each of them prints it, naming its rank."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -681,8 +690,21 @@ def cuda_graphed(fn, device: torch.device):
     return run
 
 
+_GRAPHS = weakref.WeakSet()  # every recorded graph still alive (see release_cuda_graphs)
+
+
+def release_cuda_graphs() -> None:
+    """Free every recorded CUDA graph now. NCCL lets a communicator go only once each graph that recorded one of its
+    collectives is destroyed (Distributed.stop calls this first); a graph must not be replayed afterwards."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    for graph in list(_GRAPHS):
+        graph.reset()
+
+
 def _capture(fn, device: torch.device) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
+    _GRAPHS.add(graph)
     stream = wp.get_device(str(device)).stream  # the stream torch and Warp share (see _share_stream)
     with torch.cuda.graph(graph, stream=torch.cuda.current_stream(device), capture_error_mode="thread_local"):
         # Tell Warp that a capture is on, so that MuJoCo Warp's launches are recorded into this graph.
@@ -947,6 +969,10 @@ def check_common_args(args, num_obs_steps_hint: str = "") -> None:
     check_range(args, "obs_clip", 0, lo_open=True)
     if args.eval and args.export:
         raise UserError("--eval and --export together: give one of them (run the command twice)")
+    if (args.eval or args.export) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            f"--{'eval' if args.eval else 'export'} runs in one process: start it with python, not torchrun"
+        )
     if (args.eval or args.export) and not args.checkpoint:
         raise UserError(
             f"--{'eval' if args.eval else 'export'} needs a policy: add --checkpoint runs/<run>/checkpoints/latest.pt"
@@ -968,15 +994,24 @@ def check_common_args(args, num_obs_steps_hint: str = "") -> None:
 def read_command_line(args_cls, check_args):
     """tyro's command line, checked by `check_args` before anything heavy is imported: `--help` and a bad argument
     answer in about a second. Bad input: one `error:` line on stderr and exit code 2."""
+    global _START_UP_SIGNALS
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's: in a run of several processes, rank 0 alone prints
+    if rank != 0:
+        _silence_stdout()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _START_UP_SIGNALS = _StartUpSignals()
     import tyro
 
-    args = tyro.cli(args_cls)
+    with contextlib.redirect_stderr(io.StringIO()) if rank != 0 else contextlib.nullcontext():
+        args = tyro.cli(args_cls)  # tyro's own errors: once, from rank 0 (each process exits with tyro's code 2)
     try:
+        distributed()  # PPO_DIST_TIMEOUT_S checked
         check_args(args)
         if args.checkpoint and not os.path.isfile(args.checkpoint):
             load_checkpoint(args.checkpoint, None, "")  # raises the missing file's or folder's UserError
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return args
 
@@ -1169,13 +1204,18 @@ class Logger:
     (W&B's resume_from), offline it resumes it and W&B drops steps it already has. W&B's files go to
     <run>/wandb, next to everything else the run writes."""
 
-    def __init__(self, run_dir: Path, args, resume_step: int | None = None, wandb_id: str | None = None):
-        """`args`: the script's Args (its fields are the run's config; track, wandb_project_name, wandb_entity)."""
+    def __init__(
+        self, run_dir: Path, args, resume_step: int | None = None, wandb_id: str | None = None, enabled: bool = True
+    ):
+        """`args`: the script's Args (its fields are the run's config; track, wandb_project_name, wandb_entity).
+        enabled=False: a logger that writes nothing (the processes other than rank 0 of a run of several)."""
+        self.run_dir, self.wandb, self.writer, self.wandb_id = run_dir, None, None, wandb_id
+        if not enabled:
+            return
         config = dataclasses.asdict(args)
         track, project, entity = args.track, args.wandb_project_name, args.wandb_entity
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_dir, self.wandb = run_dir, None
         # flush_secs: a killed run loses at most 10 s of curves.
         self.writer = SummaryWriter(
             str(run_dir), flush_secs=10, purge_step=resume_step + 1 if resume_step is not None else None
@@ -1203,10 +1243,10 @@ class Logger:
                 dir=str(run_dir),
                 **(resume or {"id": self.wandb_id}),
             )
-        else:
-            self.wandb_id = wandb_id
 
     def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         if self.wandb is not None:
@@ -1219,7 +1259,8 @@ class Logger:
             self.wandb.log({"videos/policy": wandb.Video(str(path), format="mp4")}, step=step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -1242,8 +1283,9 @@ def versions(packages=("torch", "warp-lang", "mujoco", "mujoco-warp")) -> dict[s
     return found
 
 
-def write_config(run_dir: Path, script: str, args, device: torch.device) -> None:
-    """runs/<run>/config.json: the arguments, the device and the versions a run was made with (plots read it)."""
+def write_config(run_dir: Path, script: str, args, device: torch.device, processes: int = 1) -> None:
+    """runs/<run>/config.json: the arguments, the device (rank 0's, for a run of several `processes`, each with
+    args.num_envs environments) and the versions a run was made with (plots read it)."""
     write_json(
         run_dir / "config.json",
         {
@@ -1251,6 +1293,7 @@ def write_config(run_dir: Path, script: str, args, device: torch.device) -> None
             "args": dataclasses.asdict(args),
             "device": str(device),
             "device_name": device_name(device),
+            "processes": processes,
             "versions": versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
@@ -1277,6 +1320,307 @@ class StopRequest:
             "(send it again to stop at once)",
             flush=True,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data-parallel training: processes launched by torchrun, one device each, talking through torch.distributed
+# ----------------------------------------------------------------------------------------------------------------
+class LostProcess(RuntimeError):
+    """A collective failed: another process of the run died, was killed, or hung past the timeout."""
+
+
+class ProcessesDiverged(RuntimeError):
+    """The processes' copies of the policy, normalizer or optimizer differ (a bug: they must stay identical)."""
+
+
+class Distributed:
+    """This process's place in a data-parallel run, or the only process of a plain one.
+
+    torchrun (`python -m torch.distributed.run`) starts the processes and gives each its WORLD_SIZE (processes in
+    all), RANK (0 to WORLD_SIZE - 1) and LOCAL_RANK (its index on its machine, which picks its GPU); without them
+    there is one process, no process group, and every method below returns at once. Each process steps its own
+    environments on its own device and holds a whole copy of the policy. The copies stay identical: every process
+    starts from rank 0's parameters (broadcast_) and takes the same step, from gradients averaged over all processes
+    (average_), with observation statistics merged exactly (merge_moments). NCCL connects GPUs, gloo CPUs; on many
+    machines it is the same code (torchrun's rendezvous finds the others).
+
+    The collectives work in place on tensors of the process's device, with no host sync, so that a CUDA graph can
+    record them (NCCL's can be captured; torch leaves captured ones out of its watchdog, torch PR 103503). Every
+    collective of every process runs in the same order: the training loop calls them unconditionally. A collective
+    that fails (another process died: torchrun then also sends SIGTERM to the rest) raises LostProcess; one that
+    waits longer than `timeout_s` fails too (PPO_DIST_TIMEOUT_S, default 600 s: the others wait for rank 0's
+    evaluations, videos and checkpoints, so it must exceed the longest of those)."""
+
+    def __init__(self, world_size: int = 1, rank: int = 0, local_rank: int = 0, timeout_s: float = 600.0):
+        self.world_size, self.rank, self.local_rank, self.timeout_s = world_size, rank, local_rank, timeout_s
+        self.device = None
+        self.failed = False  # a collective failed: the group is broken, leave it without a goodbye
+
+    @classmethod
+    def from_environment(cls, environ=None) -> Distributed:
+        """torchrun's variables (none: a single process). Raises UserError, in a run of several processes, for a
+        PPO_DIST_TIMEOUT_S that is not a positive number of seconds."""
+        environ = os.environ if environ is None else environ
+        sizes = [
+            int(environ.get(name, default)) for name, default in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0))
+        ]
+        timeout = environ.get("PPO_DIST_TIMEOUT_S", "600")
+        try:
+            timeout_s = float(timeout)
+        except ValueError:
+            timeout_s = float("nan")
+        if sizes[0] > 1 and not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise UserError(f"PPO_DIST_TIMEOUT_S={timeout}: give a positive number of seconds, e.g. 600")
+        return cls(*sizes, timeout_s=timeout_s)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, evaluates, records videos and writes the run's files."""
+        return self.rank == 0
+
+    def choose_device(self, name: str | None) -> torch.device:
+        """The device of this process: resolve_device(name) in a single process; in several, the GPU of its
+        LOCAL_RANK ('auto' and 'cuda' both mean it) or the CPU. Raises UserError for 'cuda:N' (which would put every
+        process on one GPU) and RankError for a LOCAL_RANK with no GPU of its own."""
+        device = resolve_device(name)
+        if self.world_size == 1 or device.type == "cpu":
+            return device
+        if name not in ("auto", "cuda"):
+            raise UserError(
+                f"--device {name} with {self.world_size} processes: each process takes the GPU of its LOCAL_RANK; "
+                "give --device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        count = torch.cuda.device_count()
+        if self.local_rank >= count:
+            raise RankError(
+                f"rank {self.rank}: torchrun started local rank {self.local_rank} on a machine with {count} GPU(s): "
+                f"use --nproc-per-node {count} or fewer"
+            )
+        return torch.device("cuda", self.local_rank)
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group (NCCL on a GPU, gloo on the CPU), after every check of the input has passed."""
+        held = _START_UP_SIGNALS.release() if _START_UP_SIGNALS is not None else None
+        if held is not None:
+            print(f"{signal.Signals(held).name} during start-up: stopped before training", flush=True)
+            sys.exit(128 + held)
+        if self.world_size == 1:
+            return
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self._run(
+            "start-up",
+            torch.distributed.init_process_group,
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=self.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+        if device.type == "cuda":  # torch.compile (GPU only) traces the rollout step: run this as it is, as sim steps
+            self.merge_moments = torch.compiler.disable(self.merge_moments)
+
+    def broadcast_(self, *modules: torch.nn.Module) -> None:
+        """Every parameter and buffer of `modules` set to rank 0's, in place."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for module in modules:
+                for t in [*module.parameters(), *module.buffers()]:
+                    self._run("broadcast", torch.distributed.broadcast, t.detach(), src=0)
+
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Each tensor replaced by its mean over the processes, in place, with one all_reduce over a flat copy of
+        them all (one dtype, one device). No host sync: a CUDA graph records it."""
+        self._flat_all_reduce(tensors, mean=True)
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Each tensor replaced by its sum over the processes, in place, with one all_reduce (as average_)."""
+        self._flat_all_reduce(tensors, mean=False)
+
+    def _flat_all_reduce(self, tensors, mean: bool) -> None:
+        if self.world_size == 1:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self._run("all_reduce", torch.distributed.all_reduce, flat)
+        if mean:
+            flat.div_(self.world_size)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
+    def merge_moments(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the (population) variance of every process's batch together, from each process's batch mean
+        and variance, for batches of one size: the mean of the means, and the mean of var + mean^2 less the square of
+        that mean (Chan et al.'s merge of N equal parts). Summed in float64, so that the subtraction loses none of a
+        float32 variance's digits (an observation near 1 that hardly varies). One all_reduce, no host sync."""
+        if self.world_size == 1:
+            return mean, var
+        m = mean.double()
+        moments = torch.stack([m, var.double() + m.square()])
+        self._run("all_reduce", torch.distributed.all_reduce, moments)
+        moments.div_(self.world_size)
+        merged_mean = moments[0]
+        return merged_mean.to(mean.dtype), (moments[1] - merged_mean.square()).clamp(min=0.0).to(var.dtype)
+
+    def agree_on_signal(self, signum: int | None) -> int | None:
+        """The stop signal that any process has received (the largest number if several), or None: every process
+        gets the same answer, so that all stop after the same iteration and save one checkpoint together. A single
+        process gets its own. One small all_reduce and a host sync, once per iteration."""
+        if self.world_size == 1:
+            return signum
+        flag = torch.tensor([signum or 0], dtype=torch.int64, device=self.device)
+        self._run("all_reduce", torch.distributed.all_reduce, flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def checkpoint(self, payload: dict, own: dict, state: tuple) -> dict | None:
+        """The checkpoint to write, on rank 0 (None on the others; every process must call this at the same
+        iteration). It is `payload` (the same on every process: the policy, optimizer, normalizer and arguments),
+        with rank 0's `own` entries (its environments and generators) at the top level as a single process writes
+        them, every other process's in "other_processes" (rank 1 first), the number of processes, and every
+        process's state_digest of `state` in "digests". Raises ProcessesDiverged on rank 0 when the digests differ."""
+        if self.world_size > 1:
+            own = _to_cpu(own)  # gathered by pickling: CPU tensors, which rank 0 can hold whatever their device
+        mine = {**own, "digest": state_digest(*state)}
+        gathered = [mine]
+        if self.world_size > 1:
+            gathered = [None] * self.world_size if self.is_main else None
+            self._run("gather", torch.distributed.gather_object, mine, gathered, dst=0)
+        if not self.is_main:
+            return None
+        digests = [g.pop("digest") for g in gathered]
+        if len(set(digests)) > 1:
+            raise ProcessesDiverged(
+                f"the {self.world_size} processes' copies of the policy, normalizer and optimizer differ (state "
+                f"digests by rank: {', '.join(digests)}): they must stay identical. Please report this as a bug"
+            )
+        return {
+            **payload,
+            **gathered[0],
+            "processes": self.world_size,
+            "other_processes": gathered[1:],
+            "digests": digests,
+        }
+
+    def own_state(self, ckpt: dict, num_envs: int) -> dict | None:
+        """This process's entries of a checkpoint (its environments and generators: see checkpoint) when it was
+        written by as many processes of `num_envs` environments each; None otherwise (the environments start
+        afresh)."""
+        if "env" not in ckpt or ckpt["args"]["num_envs"] != num_envs or ckpt.get("processes", 1) != self.world_size:
+            return None
+        return ckpt if self.rank == 0 else ckpt["other_processes"][self.rank - 1]
+
+    def stop(self) -> None:
+        """Leave the process group at the end of a run: the recorded CUDA graphs released first (NCCL waits for
+        them), and at most 30 s spent, so that a broken group cannot hold the process at exit."""
+        if self.world_size == 1 or self.failed or not torch.distributed.is_initialized():
+            return
+        release_cuda_graphs()
+        leave = threading.Thread(target=torch.distributed.destroy_process_group, daemon=True)
+        leave.start()
+        leave.join(timeout=30)
+
+    def _run(self, what: str, collective, *args, **kwargs):
+        try:
+            return collective(*args, **kwargs)
+        except RuntimeError as e:  # gloo's and NCCL's errors are RuntimeErrors (torch.distributed.DistError among them)
+            capturing = (
+                self.device is not None and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            )
+            if capturing:  # a failure to record it: a bug, with its own traceback
+                raise
+            self.failed = True
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise LostProcess(
+                f"rank {self.rank} of {self.world_size}: lost the other processes of this run in {what} ({cause}). "
+                "One of them stopped, died or hung: its own output, and torchrun's summary, say which; this one "
+                "stops too. Resume from the run's checkpoints/latest.pt"
+            ) from None
+
+
+class _StartUpSignals:
+    """Rank 0 of a run of several processes holds SIGINT and SIGTERM back from its first line until the process group
+    starts. The processes check the same input, but when one exits on bad input torchrun sends SIGTERM to the rest at
+    once, and rank 0, the one that reports bad input, must live to say it. A signal held back ends the process
+    quietly at Distributed.start, before any process group work (torchrun kills it after 30 s in any case)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {s: signal.signal(s, self._hold) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _hold(self, signum, _frame):
+        self.signal = self.signal or signum
+
+    def release(self) -> int | None:
+        """Put the previous handlers back; the first signal held back, or None."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return self.signal
+
+
+_START_UP_SIGNALS: _StartUpSignals | None = None
+_DISTRIBUTED = None
+
+
+def distributed() -> Distributed:
+    """This process's Distributed, read once from torchrun's variables (see Distributed.from_environment)."""
+    global _DISTRIBUTED
+    if _DISTRIBUTED is None:
+        _DISTRIBUTED = Distributed.from_environment()
+    return _DISTRIBUTED
+
+
+def state_digest(*objects) -> str:
+    """A SHA-256 (16 hex digits) of every tensor in the state of `objects` (modules, optimizers or their
+    state_dicts), keys and bytes: equal digests mean bit-for-bit equal states."""
+    digest = hashlib.sha256()
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            digest.update(f"{prefix}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(data.tobytes())
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                walk(f"{prefix}.{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+
+    for i, obj in enumerate(objects):
+        walk(str(i), obj.state_dict() if hasattr(obj, "state_dict") else obj)
+    return digest.hexdigest()[:16]
+
+
+def _to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+def explained_variance(returns: torch.Tensor, values: torch.Tensor, dist: Distributed | None = None) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) (unbiased variances, the second at least 1e-8) over the rollouts of
+    every process: float64 sums, one all_reduce in a run of several processes, no host sync. A 0-d float32 tensor."""
+    r, e = returns.double().reshape(-1), (returns - values).double().reshape(-1)
+    sums = torch.stack([torch.ones_like(r).sum(), r.sum(), r.square().sum(), e.sum(), e.square().sum()])
+    if dist is not None:
+        dist.sum_([sums])
+    n, r1, r2, e1, e2 = sums.unbind()
+    var_r, var_e = (r2 - r1 * r1 / n) / (n - 1), (e2 - e1 * e1 / n) / (n - 1)
+    return (1 - var_e / var_r.clamp(min=1e-8)).float()
+
+
+def _silence_stdout() -> None:
+    """Send this process's standard output (Python's and C libraries' alike) to /dev/null: in a run of several
+    processes rank 0 alone prints progress; errors still reach stderr."""
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1311,23 +1655,35 @@ def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[f
 
 def run_main(main, args, args_cls, script: str, task_fields: tuple[str, ...]) -> None:
     """Adopt a checkpoint's arguments (adopt_checkpoint_args) and run main(args), turning bad input into one `error:`
-    line on stderr and exit code 2 (UserError, or the device running out of memory); any other exception is a bug
-    and shows its traceback."""
+    line on stderr and exit code 2 (UserError, or the device running out of memory), the loss of another process of
+    the run into one line and exit code 4 (LostProcess), and processes that diverged into exit code 3; any other
+    exception is a bug and shows its traceback. The process group, if any, is left at the end (Distributed.stop)."""
+    dist = distributed()
     try:
         args = adopt_checkpoint_args(args, args_cls, script, task_fields)
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist.is_main or isinstance(e, RankError):  # the others met the same input
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except LostProcess as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(4)
+    except ProcessesDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
     except Exception as e:
         if not out_of_memory(e):
             raise
+        rank = f"rank {dist.rank}: " if dist.world_size > 1 else ""  # a device of its own: each says so
         print(
-            f"error: out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a "
+            f"error: {rank}out of memory with --num-envs {args.num_envs} ({str(e).splitlines()[0][:120]}): use a "
             "smaller --num-envs, e.g. half",
             file=sys.stderr,
         )
         sys.exit(2)
+    finally:
+        dist.stop()
 
 
 def nonfinite_tensors(modules: dict[str, torch.nn.Module]) -> torch.Tensor:

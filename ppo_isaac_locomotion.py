@@ -748,12 +748,14 @@ class ObservationNormalizer(nn.Module):
     """Running mean and variance of every observation over all environments and steps seen so far.
 
     Each batch (batch, size) is merged exactly (Chan et al.'s parallel algorithm): the statistics equal those of
-    all batches concatenated. Saved with the model (buffers), frozen at evaluation time.
+    all batches concatenated. In a run of several processes (`dist`, an envs_common.Distributed) each update merges
+    every process's batch of the step, so that every copy holds the statistics of all environments. Saved with the
+    model (buffers), frozen at evaluation time.
     """
 
-    def __init__(self, size: int, clip: float = 5.0, eps: float = 1e-8):
+    def __init__(self, size: int, clip: float = 5.0, eps: float = 1e-8, dist=None):
         super().__init__()
-        self.clip, self.eps = clip, eps
+        self.clip, self.eps, self.dist = clip, eps, dist
         self.register_buffer("mean", torch.zeros(size))
         self.register_buffer("var", torch.ones(size))
         # float64: exact counts past 2^24. Shape (1,): torch.compile drops in-place writes to 0-d float64 buffers.
@@ -763,6 +765,9 @@ class ObservationNormalizer(nn.Module):
     def update(self, x: torch.Tensor) -> None:
         n = x.shape[0]
         batch_mean, batch_var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+        if self.dist is not None and self.dist.world_size > 1:  # every process's batch, all of one size
+            batch_mean, batch_var = self.dist.merge_moments(batch_mean, batch_var)
+            n *= self.dist.world_size
         total = self.count + n
         w = (n / total).float()  # weight of the new batch
         delta = batch_mean - self.mean
@@ -944,6 +949,10 @@ def ppo_loss(agent: ActorCritic, storage: RolloutStorage, mb: torch.Tensor, args
         approx_kl = ((ratio - 1) - logratio).mean()
         clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
     if args.norm_adv:
+        # Over this process's minibatch alone, also in a run of several processes: its num_envs * num_steps /
+        # num_minibatches samples, as many as one GPU's run has, set the mean and scale well enough, and statistics
+        # over every process's minibatch would cost one more all_reduce per minibatch step. (rsl_rl's multi-GPU PPO
+        # also normalizes advantages within each process.)
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
     if args.clip_vloss:
@@ -956,17 +965,24 @@ def ppo_loss(agent: ActorCritic, storage: RolloutStorage, mb: torch.Tensor, args
     return loss, torch.stack([v_loss, pg_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac]).detach()
 
 
-def ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args: Args, loss_fn=ppo_loss) -> None:
-    """One minibatch step: the loss, the KL-adaptive learning rate, backward, gradient clipping, Adam. Adds the
+def ppo_minibatch_update(
+    agent, optimizer, storage, mb, update_stats, args: Args, loss_fn=ppo_loss, dist: ec.Distributed | None = None
+) -> None:
+    """One minibatch step: the loss, backward, gradients and stats averaged over the processes of a data-parallel
+    run (`dist`; nothing to do in one process), the KL-adaptive learning rate, gradient clipping, Adam. Adds the
     loss's stats to `update_stats` (6,). In place and without host syncs (a CUDA graph on a GPU)."""
     loss, stats = loss_fn(agent, storage, mb, args)
+    optimizer.zero_grad(set_to_none=True)  # in a CUDA graph, backward then writes the gradients (no zeroing pass)
+    loss.backward()
+    if dist is not None:
+        # One all_reduce averages every gradient (as DistributedDataParallel does) and the stats over the processes:
+        # every copy of the policy takes the same step, at the rate that the KL of all their minibatches sets below.
+        dist.average_([p.grad for p in agent.parameters()] + [stats])
     if args.desired_kl > 0:
         # rsl_rl's schedule, set from this minibatch's KL before its step; the rate is a device tensor (no sync)
         lr, kl = optimizer.param_groups[0]["lr"], stats[4]
         factor = torch.where(kl > 2.0 * args.desired_kl, 1 / 1.5, torch.where(kl < args.desired_kl / 2.0, 1.5, 1.0))
         lr.copy_((lr * factor).clamp(1e-5, 1e-2))
-    optimizer.zero_grad(set_to_none=True)  # in a CUDA graph, backward then writes the gradients (no zeroing pass)
-    loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     optimizer.step()
     update_stats.add_(stats)
@@ -982,7 +998,8 @@ BYTES_PER_ENV_STEP = 12 * 1024
 
 def main(args: Args) -> None:
     check_args(args)
-    device = ec.resolve_device(args.device)
+    dist = ec.distributed()  # one process of a torchrun launch (its RANK, WORLD_SIZE, LOCAL_RANK), or the only one
+    device = dist.choose_device(args.device)
     if device.type == "cpu" and not (args.eval or args.export) and None in (args.num_envs, args.num_iterations):
         print(
             f"note: no GPU in use, so running small on the CPU (--num-envs {args.num_envs or 32}, --num-iterations "
@@ -1003,13 +1020,13 @@ def main(args: Args) -> None:
     if args.track and not (args.eval or args.export):
         ec.check_wandb_login()
     ckpt = ec.load_checkpoint(args.checkpoint, device, SCRIPT) if args.checkpoint else None
-    ec.seed_everything(args.seed, args.torch_deterministic)
+    ec.seed_everything((args.seed + dist.rank) % 2**32, args.torch_deterministic)  # each process its own samples
 
     env = Go1Env(args.num_envs, device, Go1Config.from_args(args))
     if ckpt is not None:
         ec.check_checkpoint_dims(ckpt, args.checkpoint, env.num_obs, env.num_actions)
     agent = ActorCritic(env.num_obs, env.num_actions, args.init_noise_std, bf16=args.bf16).to(device)
-    normalizer = ObservationNormalizer(env.num_obs, clip=args.obs_clip).to(device)
+    normalizer = ObservationNormalizer(env.num_obs, clip=args.obs_clip, dist=dist).to(device)
     # The learning rate is a device tensor, so that the KL-adaptive schedule changes it without a host sync.
     optimizer = torch.optim.Adam(
         agent.parameters(),
@@ -1033,19 +1050,22 @@ def main(args: Args) -> None:
     if args.eval or args.export:
         return evaluate_or_export(agent, normalizer, env, device, args)
 
+    # ---- Data-parallel (torchrun): the process group, then rank 0's policy in every process (one: nothing) ----
+    dist.start(device)
+    dist.broadcast_(agent, normalizer)
+    main_process = dist.is_main  # rank 0 alone logs, evaluates, records videos and writes the run's files
+
     # ---- The rollout storage, and where the environments start ----
     T, N = args.num_steps, args.num_envs
     storage = RolloutStorage.allocate(T, N, env.num_obs, env.num_actions, device)
-    if ckpt is not None and "env" in ckpt and ckpt["args"]["num_envs"] == N:
-        storage.next_obs.copy_(env.load_state_dict(ckpt["env"]))  # exactly where the checkpoint stopped
-        ec.set_rng_state(ckpt["rng"])
+    own = dist.own_state(ckpt, N) if ckpt is not None else None  # this process's environments and generators
+    if own is not None:
+        storage.next_obs.copy_(env.load_state_dict(own["env"]))  # exactly where the checkpoint stopped
+        ec.set_rng_state(own["rng"])
     else:
         if ckpt is not None:
-            print(
-                f"note: {args.checkpoint} was saved with {ckpt['args']['num_envs']} environments: the "
-                "environments start afresh",
-                flush=True,
-            )
+            saved = f"{ckpt.get('processes', 1)} process(es) with {ckpt['args']['num_envs']} environments each"
+            print(f"note: {args.checkpoint} was saved by {saved}: the environments start afresh", flush=True)
         storage.next_obs.copy_(env.reset())
         env.desynchronize()
     batch_size = T * N
@@ -1062,7 +1082,7 @@ def main(args: Args) -> None:
     run_rollout_step = graphed(lambda: step_fn(env, agent, normalizer, storage), device)
     run_finish_rollout = graphed(lambda: finish_rollout(agent, normalizer, storage, args), device)
     run_minibatch_update = graphed(
-        lambda: ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn), device
+        lambda: ppo_minibatch_update(agent, optimizer, storage, mb, update_stats, args, loss_fn, dist), device
     )
 
     # ---- The run folder and its loggers (a resumed run keeps writing into its own folder) ----
@@ -1073,12 +1093,18 @@ def main(args: Args) -> None:
         args,
         resume_step=global_step if ckpt is not None else None,
         wandb_id=ckpt.get("wandb_id") if resuming else None,
+        enabled=main_process,
     )
-    ec.write_config(run_dir, SCRIPT, args, device)
+    if main_process:
+        ec.write_config(run_dir, SCRIPT, args, device, dist.world_size)
     stop = ec.StopRequest()
+    W = dist.world_size  # processes; each iteration steps W * N environments T times
+    envs = f"{N} environments on {ec.device_name(device)}"
+    if W > 1:
+        envs = f"{W * N} environments ({W} processes x {N}, each on {ec.device_name(device)})"
     print(
-        f"{run_dir.name}: {N} environments on {ec.device_name(device)}, iterations {start_iteration} to "
-        f"{args.num_iterations} of {T} steps; start-up took {time.time() - PROCESS_START:.1f} s",
+        f"{run_dir.name}: {envs}, iterations {start_iteration} to {args.num_iterations} of {T} steps; start-up took "
+        f"{time.time() - PROCESS_START:.1f} s",
         flush=True,
     )
     if args.compile:
@@ -1095,7 +1121,7 @@ def main(args: Args) -> None:
         for _ in range(T):
             run_rollout_step()  # rollout_step(): normalize, act, simulate, store
         run_finish_rollout()  # finish_rollout(): values, time-out bootstrap, GAE
-        global_step += batch_size
+        global_step += W * batch_size
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that the phase timings are real, not queued work
         t_rollout = time.perf_counter() - t_start
@@ -1108,7 +1134,7 @@ def main(args: Args) -> None:
                 mb.copy_(perm[start : start + minibatch_size])
                 run_minibatch_update()  # ppo_loss(), KL-adaptive learning rate, backward, clip, Adam
         nonfinite = ec.nonfinite_tensors({"agent": agent, "normalizer": normalizer})
-        explained_var = 1 - (storage.returns - storage.values).var() / storage.returns.var().clamp(min=1e-8)
+        explained_var = ec.explained_variance(storage.returns, storage.values, dist)  # over every process
         values = torch.cat(
             [
                 update_stats / (args.update_epochs * args.num_minibatches),
@@ -1117,7 +1143,7 @@ def main(args: Args) -> None:
                 optimizer.param_groups[0]["lr"].view(1),
                 nonfinite.float()[None],
             ]
-        ).tolist()  # the iteration's one wait for the device
+        ).tolist()  # the iteration's one wait for the device; every value is the same in every process
         losses = dict(
             zip(
                 [
@@ -1136,24 +1162,26 @@ def main(args: Args) -> None:
             )
         )
         t_update = time.perf_counter() - t_start - t_rollout
-        if losses["nonfinite"] or not all(map(math.isfinite, values)):
+        if losses["nonfinite"] or not all(map(math.isfinite, values)):  # so every process stops here
             bad = ec.nonfinite_names({"agent": agent, "normalizer": normalizer}) or [
                 k for k, v in losses.items() if not math.isfinite(v)
             ]
-            print(
-                f"error: training became non-finite at iteration {iteration} ({', '.join(bad[:4])}); nothing was "
-                f"saved from it. Last good checkpoint: {last_checkpoint or args.checkpoint or 'none yet'}. Try a "
-                "lower --learning-rate or --max-grad-norm",
-                file=sys.stderr,
-                flush=True,
-            )
+            if main_process:
+                print(
+                    f"error: training became non-finite at iteration {iteration} ({', '.join(bad[:4])}); nothing was "
+                    f"saved from it. Last good checkpoint: {last_checkpoint or args.checkpoint or 'none yet'}. Try a "
+                    "lower --learning-rate or --max-grad-norm",
+                    file=sys.stderr,
+                    flush=True,
+                )
             logger.close()
             sys.exit(3)
 
         # ---- Logging: one host sync per iteration ----
+        dist.sum_(list(env.stats.values()))  # every process's environments (sums per environment) in the figures
         stats = env.pop_stats()
         iteration_times.append(time.perf_counter() - t_start)
-        sps = int(batch_size / iteration_times[-1])
+        sps = int(W * batch_size / iteration_times[-1])
         wall = time.time() - PROCESS_START
         scalars = {
             "charts/SPS": sps,
@@ -1201,7 +1229,8 @@ def main(args: Args) -> None:
 
         # ---- Evaluation, checkpoint, video ----
         last = iteration == args.num_iterations
-        if stop.signal is None and args.eval_interval and (iteration % args.eval_interval == 0 or last):
+        due = args.eval_interval and (iteration % args.eval_interval == 0 or last)
+        if main_process and stop.signal is None and due:
             t0 = time.time()
             last_eval = evaluate(agent, normalizer, device, args, min(args.eval_envs, N))
             logger.scalars(
@@ -1227,8 +1256,10 @@ def main(args: Args) -> None:
                     flush=True,
                 )
             eval_time += time.time() - t0
-        if iteration % args.save_interval == 0 or last or stop.signal is not None:
-            # Everything needed to go on exactly as if never stopped: the environments and every generator included.
+        stop_signal = dist.agree_on_signal(stop.signal)  # a signal to any process stops them all after this iteration
+        if iteration % args.save_interval == 0 or last or stop_signal is not None:
+            # Everything needed to go on exactly as if never stopped: every process's environments and generators
+            # included (rank 0 writes them all), with a digest of each process's policy, which must be identical.
             payload = {
                 "script": SCRIPT,
                 "iteration": iteration,
@@ -1239,22 +1270,23 @@ def main(args: Args) -> None:
                 "args": {**dataclasses.asdict(args), **requested_speed},
                 "obs_dim": env.num_obs,
                 "act_dim": env.num_actions,
-                "env": env.state_dict(),
-                "rng": ec.rng_state(),
                 "wandb_id": logger.wandb_id,
             }
-            ec.save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
-            ec.save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
+            own = {"env": env.state_dict(), "rng": ec.rng_state()}
+            payload = dist.checkpoint(payload, own, state=(agent, normalizer, optimizer))  # None but on rank 0
+            if payload is not None:
+                ec.save_checkpoint(run_dir / "checkpoints" / f"ckpt_{iteration:06d}.pt", payload)
+                ec.save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
             last_checkpoint = run_dir / "checkpoints" / "latest.pt"
-        if stop.signal is not None and not last:  # a signal during the last iteration: the run ends as finished
+        if stop_signal is not None and not last:  # a signal during the last iteration: the run ends as finished
             logger.close()
             print(
                 f"stopped after iteration {iteration}; resume with: python {sys.argv[0]} --checkpoint "
                 f"{last_checkpoint}",
                 flush=True,
             )
-            sys.exit(128 + stop.signal)
-        if args.capture_video and (iteration % args.video_interval == 0 or last):
+            sys.exit(128 + stop_signal)
+        if main_process and args.capture_video and (iteration % args.video_interval == 0 or last):
             t0 = time.time()
             video = run_dir / "videos" / f"iter_{iteration:06d}.mp4"
             record_video(agent, normalizer, device, args, video)
@@ -1262,17 +1294,18 @@ def main(args: Args) -> None:
             eval_time += time.time() - t0
 
     # The run's figures in one file: the last evaluation and rollout, and where the time went.
-    ec.write_json(
-        run_dir / "metrics.json",
-        {
-            "iteration": args.num_iterations,
-            "global_step": global_step,
-            "wall_time_s": time.time() - PROCESS_START,
-            "eval_and_video_time_s": eval_time,
-            "last_eval": last_eval,
-            "last_rollouts": stats,
-        },
-    )
+    if main_process:
+        ec.write_json(
+            run_dir / "metrics.json",
+            {
+                "iteration": args.num_iterations,
+                "global_step": global_step,
+                "wall_time_s": time.time() - PROCESS_START,
+                "eval_and_video_time_s": eval_time,
+                "last_eval": last_eval,
+                "last_rollouts": stats,
+            },
+        )
     logger.close()
     print(
         f"done: {run_dir} (curves: tensorboard --logdir {run_dir.parent}; figures: {run_dir / 'metrics.json'})",
