@@ -1752,6 +1752,31 @@ def deployed_policy(normalizer, actor, clip: float):
     return DeployedPolicy()
 
 
+def contract_io(observation_table, num_obs: int, nu: int, obs_clip: float) -> dict:
+    """The part of an exported policy's contract that every task shares: its input and output tensors, the
+    observation layout of `observation_table` (see observation_contract) and the folded-in normalizer."""
+    return {
+        "inputs": {"obs": {"shape": ["batch", num_obs], "dtype": "float32", "is": "the raw observation"}},
+        "outputs": {"actions": {"shape": ["batch", nu], "dtype": "float32"}},
+        "observation": observation_contract(observation_table, nu),
+        "normalizer": {
+            "folded_in": True,
+            "clip": obs_clip,
+            "is": "inside the network: feed raw observations; it subtracts the training mean, divides by the "
+            "standard deviation and clips to +-clip",
+        },
+    }
+
+
+def contract_provenance(checkpoint: str, script: str) -> dict:
+    """Where an exported policy came from (checkpoint_source), the versions that made it, and when."""
+    return {
+        "source": checkpoint_source(checkpoint, script),
+        "versions": versions(("torch", "mujoco", "mujoco-warp", "warp-lang", "onnx")),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def observation_contract(layout, num_actions: int) -> list[dict]:
     """A script's observation table as the contract states it, in order: each term's name, its slice [start, stop)
     of the observation vector, size, units and meaning. `layout` holds (name, size, units, meaning) rows, a size of

@@ -1497,15 +1497,7 @@ def policy_contract(env: Go1Env, args: Args, with_source: bool = True) -> dict:
         "script": SCRIPT,
         "task": "follow a commanded trunk velocity (vx, vy in the trunk frame) and yaw rate on flat ground",
         "robot": {"model": f"assets/{ASSET}", "sha256": ec.file_sha256(ec.ASSETS / ASSET)},
-        "inputs": {"obs": {"shape": ["batch", env.num_obs], "dtype": "float32", "is": "the raw observation"}},
-        "outputs": {"actions": {"shape": ["batch", nu], "dtype": "float32"}},
-        "observation": ec.observation_contract(OBSERVATION, nu),
-        "normalizer": {
-            "folded_in": True,
-            "clip": args.obs_clip,
-            "is": "inside the network: feed raw observations; it subtracts the training mean, divides by the "
-            "standard deviation and clips to +-clip",
-        },
+        **ec.contract_io(OBSERVATION, env.num_obs, nu, args.obs_clip),
         "actions": {
             "joints": actuators["joints"],
             "actuators": actuators["actuators"],
@@ -1530,9 +1522,7 @@ def policy_contract(env: Go1Env, args: Args, with_source: bool = True) -> dict:
         "task_args": {name: getattr(args, name) for name in TASK_ARGS},
     }
     if with_source:
-        contract["source"] = ec.checkpoint_source(args.checkpoint, SCRIPT)
-        contract["versions"] = ec.versions(("torch", "mujoco", "mujoco-warp", "warp-lang", "onnx"))
-        contract["exported"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        contract.update(ec.contract_provenance(args.checkpoint, SCRIPT))
     return contract
 
 

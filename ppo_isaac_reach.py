@@ -1250,15 +1250,7 @@ def policy_contract(env: ReachEnv, args: Args) -> dict:
         "script": SCRIPT,
         "task": "hold the end-effector site on a target position",
         "robot": {"model": f"assets/{ASSET}", "sha256": ec.file_sha256(ec.ASSETS / ASSET), "ee_site": EE_SITE},
-        "inputs": {"obs": {"shape": ["batch", env.num_obs], "dtype": "float32", "is": "the raw observation"}},
-        "outputs": {"actions": {"shape": ["batch", nu], "dtype": "float32"}},
-        "observation": ec.observation_contract(OBSERVATION, nu),
-        "normalizer": {
-            "folded_in": True,
-            "clip": args.obs_clip,
-            "is": "inside the network: feed raw observations; it subtracts the training mean, divides by the "
-            "standard deviation and clips to +-clip",
-        },
+        **ec.contract_io(OBSERVATION, env.num_obs, nu, args.obs_clip),
         "actions": {
             "joints": actuators["joints"],
             "clip": [-1.0, 1.0],
@@ -1273,9 +1265,7 @@ def policy_contract(env: ReachEnv, args: Args) -> dict:
         "actuators": actuators,
         "conventions": {"frames": "world: z up, the arm's base at the origin"},
         "task_args": {name: getattr(args, name) for name in TASK_ARGS},
-        "source": ec.checkpoint_source(args.checkpoint, SCRIPT),
-        "versions": ec.versions(("torch", "mujoco", "mujoco-warp", "warp-lang", "onnx")),
-        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **ec.contract_provenance(args.checkpoint, SCRIPT),
     }
 
 
