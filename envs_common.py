@@ -1752,6 +1752,18 @@ def deployed_policy(normalizer, actor, clip: float):
     return DeployedPolicy()
 
 
+def launcher(dist) -> str:
+    """The command that starts a run like this one: `python`, or torchrun with this run's number of processes (an
+    exact resume needs as many)."""
+    if dist.world_size == 1:
+        return "python"
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)  # torchrun's number of machines (agents)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    if nodes > 1:
+        return f"torchrun --nnodes {nodes} --node-rank <R> --rdzv-endpoint <HOST:PORT> --nproc-per-node {per_node}"
+    return f"torchrun --standalone --nproc-per-node {per_node}"
+
+
 def contract_io(observation_table, num_obs: int, nu: int, obs_clip: float) -> dict:
     """The part of an exported policy's contract that every task shares: its input and output tensors, the
     observation layout of `observation_table` (see observation_contract) and the folded-in normalizer."""

@@ -30,6 +30,7 @@ import envs_common as ec
 from envs_common import UserError
 
 SCRIPT = Path(__file__).stem
+MAX_TIME_S = 86_400.0  # s: the longest episode, command or push interval accepted
 POLICY_DT = 0.02  # s: a 50 Hz policy over go1.xml's 200 Hz physics, as legged_gym (sim dt 0.005 s, decimation 4)
 
 
@@ -156,19 +157,19 @@ def check_args(args: Args) -> None:
     """Reject bad input before anything is created or written: UserError naming the flag and the fix."""
     ec.check_common_args(args)
     ec.check_range(args, "eval_episodes", 1, integer=True)
-    for name in ("episode_length_s", "command_resample_s"):
-        ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
+    for name in ("episode_length_s", "command_resample_s"):  # at most a day: step counts stay machine integers
+        ec.check_range(args, name, POLICY_DT, MAX_TIME_S, hint=f"from one policy step ({POLICY_DT} s) to a day")
     for name in ("lin_vel_x_range", "lin_vel_y_range", "ang_vel_yaw_range"):
         ec.check_pair(args, name)
     ec.check_range(args, "action_scale", 0, lo_open=True)
     ec.check_pair(args, "solver", lo=1, integer=True, ordered=False)
-    ec.check_range(args, "push_interval_s", 0, hint="0 turns pushes off")
+    ec.check_range(args, "push_interval_s", 0, MAX_TIME_S, hint="0 turns pushes off; at most a day")
     if 0 < args.push_interval_s < POLICY_DT:
         raise UserError(
             f"--push-interval-s {args.push_interval_s}: give at least one policy step ({POLICY_DT} s), or 0 for no "
             "pushes"
         )
-    ec.check_range(args, "push_vel", 0, hint="legged_gym pushes at up to 1 m/s")
+    ec.check_range(args, "push_vel", 0, 10.0, hint="legged_gym pushes at up to 1 m/s; at most 10 m/s")
     for name in ("sim2sim", "viewer"):
         if getattr(args, name) and not args.eval:
             raise UserError(f"--{name} is a way to evaluate: add --eval (and --checkpoint)")
@@ -493,8 +494,12 @@ class Go1Env:
         if mask is None:
             mask = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
         n, s = self.num_envs, self.sim
+        # The optional parts (models, noise, pushes) draw their random numbers whether on or off, so that every
+        # configuration consumes the random stream alike: the nominal and randomized evaluations (and sim-to-sim)
+        # then see the same starts and commands, and differ only by what is switched on.
+        draws = self._draw_model()
         if self.cfg.domain_rand:
-            self._randomize_model(mask)  # s.reset() below refreshes the constants MuJoCo derives from it
+            self._randomize_model(mask, draws)  # s.reset() below refreshes the constants MuJoCo derives from it
         qpos = s.default_qpos.expand(n, -1).clone()
         qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-math.pi, hi=math.pi))  # any heading
         qpos[:, 7:] = self._rand(
@@ -513,41 +518,56 @@ class Go1Env:
         self._refresh_base_state()
         return self._add_obs_noise(self._observe())
 
-    def _randomize_model(self, mask: torch.Tensor) -> None:
-        """Draw a model for every environment from DOMAIN_RAND and write it into the simulator's per-world fields
-        for those in `mask` (in place; the others keep theirs bit for bit). legged_gym's _process_rigid_shape_props
-        and _process_rigid_body_props, there once at creation."""
-        n, nom, field, nbody, nv = self.num_envs, self.sim.nominal, self.sim.model, self.sim.mjm.nbody, self.sim.mjm.nv
+    def _draw_model(self) -> dict[str, torch.Tensor]:
+        """One model per environment, drawn from DOMAIN_RAND: {key: (num_envs, ...) uniform draws}."""
+        n, nbody, nv, nu = self.num_envs, self.sim.mjm.nbody, self.sim.mjm.nv, self.num_actions
 
         def draw(key, *shape):  # (n, *shape) uniform draws in DOMAIN_RAND[key]
             return self._rand(n, *shape, lo=DOMAIN_RAND[key][0], hi=DOMAIN_RAND[key][1])
+
+        return {
+            "foot_friction": draw("foot_friction", 1),
+            "link_mass_scale": draw("link_mass_scale", nbody),
+            "trunk_added_mass": draw("trunk_added_mass"),
+            "trunk_com": self._rand(n, 3, lo=self.com_lo, hi=self.com_hi),
+            "kp_scale": draw("kp_scale", nu),
+            "kd_scale": draw("kd_scale", nu),
+            "joint_friction_scale": draw("joint_friction_scale", nv),
+            "armature_scale": draw("armature_scale", nv),
+        }
+
+    def _randomize_model(self, mask: torch.Tensor, draw: dict[str, torch.Tensor]) -> None:
+        """Write the models of `draw` (from _draw_model) into the simulator's per-world fields for the environments
+        in `mask` (in place; the others keep theirs bit for bit). legged_gym's _process_rigid_shape_props and
+        _process_rigid_body_props, there once at creation."""
+        n, nom, field = self.num_envs, self.sim.nominal, self.sim.model
 
         def write(name, value):
             t = field[name]
             t.copy_(torch.where(mask.view(-1, *[1] * (t.dim() - 1)), value, t))
 
         friction = nom["geom_friction"].repeat(n, 1, 1)  # (n, ngeom, 3): sliding, torsional, rolling
-        friction[:, self.foot_geoms, 0] = draw("foot_friction", 1)
+        friction[:, self.foot_geoms, 0] = draw["foot_friction"]
         write("geom_friction", friction)
-        scale = draw("link_mass_scale", nbody)
+        scale = draw["link_mass_scale"]
         mass = nom["body_mass"] * scale
-        mass[:, self.trunk] += draw("trunk_added_mass")
+        mass[:, self.trunk] += draw["trunk_added_mass"]
         write("body_mass", mass)
         write("body_inertia", nom["body_inertia"] * scale[..., None])
         ipos = nom["body_ipos"].repeat(n, 1, 1)
-        ipos[:, self.trunk] += self._rand(n, 3, lo=self.com_lo, hi=self.com_hi)
+        ipos[:, self.trunk] += draw["trunk_com"]
         write("body_ipos", ipos)
         # A position servo: force = kp * (target - q) - kd * qdot, as gainprm[0] = kp, biasprm[1] = -kp, biasprm[2]
         # = -kd (MuJoCo's <position>).
-        kp, kd = draw("kp_scale", self.num_actions), draw("kd_scale", self.num_actions)
+        kp, kd = draw["kp_scale"], draw["kd_scale"]
         gain, bias = nom["actuator_gainprm"].repeat(n, 1, 1), nom["actuator_biasprm"].repeat(n, 1, 1)
         gain[..., 0] *= kp
         bias[..., 1] *= kp
         bias[..., 2] *= kd
         write("actuator_gainprm", gain)
         write("actuator_biasprm", bias)
-        write("dof_frictionloss", nom["dof_frictionloss"] * draw("joint_friction_scale", nv))
-        write("dof_armature", nom["dof_armature"] * draw("armature_scale", nv))
+        write("dof_frictionloss", nom["dof_frictionloss"] * draw["joint_friction_scale"])
+        write("dof_armature", nom["dof_armature"] * draw["armature_scale"])
 
     def desynchronize(self) -> None:
         """Start every environment at a random point of its episode (legged_gym's init_at_random_ep_len), so that
@@ -561,9 +581,10 @@ class Go1Env:
         """`obs` (num_envs, num_obs) plus uniform noise of OBS_NOISE's scales with --obs-noise (legged_gym's
         add_noise), else `obs` itself. The draw is kept in obs_noise, so that a resumed run gets back the very
         observations the policy acted on."""
+        noise = self._rand(self.num_envs, self.num_obs, lo=-1.0, hi=1.0) * self.noise_scale  # drawn even when off
         if not self.cfg.obs_noise:
             return obs
-        self.obs_noise.copy_(self._rand(self.num_envs, self.num_obs, lo=-1.0, hi=1.0) * self.noise_scale)
+        self.obs_noise.copy_(noise)
         return obs + self.obs_noise
 
     def _push_robots(self) -> None:
@@ -572,8 +593,10 @@ class Go1Env:
         legged_gym pushes all environments at once on a global step counter; here each environment's own episode
         clock decides (a Python counter would be frozen into a recorded CUDA graph), so that, with episodes
         desynchronized, pushes are spread over the rollout instead of all robots staggering at once."""
+        kick = self._rand(self.num_envs, 2, lo=-self.cfg.push_vel, hi=self.cfg.push_vel)  # drawn even when off
+        if not self.push_steps:  # a Python int of the config: no device sync
+            return
         due = (self.episode_length > 0) & (self.episode_length % self.push_steps == 0)
-        kick = self._rand(self.num_envs, 2, lo=-self.cfg.push_vel, hi=self.cfg.push_vel)
         velocity = self.root_lin_vel_w[:, :2]  # a view of the simulator's qvel
         velocity.copy_(torch.where(due[:, None], kick, velocity))
 
@@ -593,8 +616,7 @@ class Go1Env:
         # --action-delay: the servos get the previous step's action (last_actions: zero at an episode's start).
         applied = self.last_actions if self.cfg.action_delay else self.actions
         self.sim.ctrl.copy_(self.default_dof_pos + self.cfg.action_scale * applied)  # PD targets
-        if self.push_steps:  # a Python int of the config: no device sync
-            self._push_robots()
+        self._push_robots()
         self.sim.step()
         self._refresh_base_state()
         self.episode_length += 1
@@ -1281,7 +1303,7 @@ def main(args: Args) -> None:
         if stop_signal is not None and not last:  # a signal during the last iteration: the run ends as finished
             logger.close()
             print(
-                f"stopped after iteration {iteration}; resume with: python {sys.argv[0]} --checkpoint "
+                f"stopped after iteration {iteration}; resume with: {ec.launcher(dist)} {sys.argv[0]} --checkpoint "
                 f"{last_checkpoint}",
                 flush=True,
             )
@@ -1343,8 +1365,10 @@ def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
     )
     metrics = evaluate(agent, normalizer, device, args, args.num_envs)
     nominal = {k: v for k, v in metrics.items() if not k.endswith("_randomized")}
+    extras = [name for name, on in (("pushes", args.push_interval_s > 0), ("noise", args.obs_noise)) if on]
     ec.print_metrics_side_by_side(
-        "evaluation (deterministic policy): go1.xml as compiled, and randomized with pushes and noise",
+        "evaluation (deterministic policy, the same starts and commands): go1.xml as compiled, and randomized models"
+        + (" with " + " and ".join(extras) if extras else ""),
         {"nominal": nominal, "randomized": {k: metrics[k + "_randomized"] for k in nominal}},
         EVAL_UNITS,
     )

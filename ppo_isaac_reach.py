@@ -29,6 +29,7 @@ import envs_common as ec
 from envs_common import UserError
 
 SCRIPT = Path(__file__).stem
+MAX_TIME_S = 86_400.0  # s: the longest episode or hold accepted (step counts stay machine integers)
 POLICY_DT = 0.02  # s: a 50 Hz policy over panda.xml's 200 Hz physics (Isaac Lab's reach: 60 Hz; legged_gym: 50 Hz)
 CONTROL_TYPES = ("torque", "position", "position_delta")
 
@@ -141,7 +142,7 @@ def check_args(args: Args) -> None:
         raise UserError(f"unknown --control-type {args.control_type!r}: use torque, position or position_delta")
     ec.check_range(args, "max_delta", 0, 1, lo_open=True, hint="a fraction of the largest step the speed limits allow")
     for name in ("episode_length_s", "target_hold_s", "success_window_s"):
-        ec.check_range(args, name, POLICY_DT, hint=f"at least one policy step ({POLICY_DT} s)")
+        ec.check_range(args, name, POLICY_DT, MAX_TIME_S, hint=f"from one policy step ({POLICY_DT} s) to a day")
     if args.success_window_s > args.target_hold_s:
         raise UserError(
             f"--success-window-s {args.success_window_s} is longer than --target-hold-s "
@@ -1133,7 +1134,7 @@ def main(args: Args) -> None:
         if stop_signal is not None and not last:  # a signal during the last iteration: the run ends as finished
             logger.close()
             print(
-                f"stopped after iteration {iteration}; resume with: python {sys.argv[0]} --checkpoint "
+                f"stopped after iteration {iteration}; resume with: {ec.launcher(dist)} {sys.argv[0]} --checkpoint "
                 f"{last_checkpoint}",
                 flush=True,
             )

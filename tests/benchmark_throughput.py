@@ -446,6 +446,10 @@ def main():
     )
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     opts = parser.parse_args()
+    for name in ("num_envs", "iterations", "physics_steps", "seed_steps", "rollout_envs"):
+        values = getattr(opts, name)
+        if any(v < 1 for v in (values if isinstance(values, list) else [values])):
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     opts.script_args = [(k, float(v) if "." in v else int(v)) for k, v in opts.script_args]
 
     if opts.solver:  # every model the script loads gets these solver options

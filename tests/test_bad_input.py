@@ -71,6 +71,9 @@ EVAL_GOOD = [*CPU, "--eval", "--checkpoint", "{ckpts}/good.pt"]
 LOCOMOTION_ONLY = [
     ("zero-solver-iterations", [*CPU, "--solver", "0", "5"], {}, ["--solver", "at least 1"]),
     ("push-within-a-step", [*CPU, "--push-interval-s", "0.001"], {}, ["--push-interval-s", "0 for no pushes"]),
+    ("episode-of-ages", [*CPU, "--episode-length-s", "1e30"], {}, ["--episode-length-s", "to a day"]),
+    ("push-interval-of-ages", [*CPU, "--push-interval-s", "1e30"], {}, ["--push-interval-s", "at most a day"]),
+    ("push-at-a-megametre-per-second", [*CPU, "--push-vel", "1e6"], {}, ["--push-vel", "at most 10 m/s"]),
     ("sim2sim-without-eval", [*CPU, "--sim2sim", "--checkpoint", "{ckpts}/good.pt"], {}, ["--sim2sim", "add --eval"]),
     ("viewer-without-eval", [*CPU, "--viewer"], {}, ["--viewer", "add --eval"]),
     ("sim2sim-and-viewer", [*EVAL_GOOD, "--sim2sim", "--viewer"], {}, ["--sim2sim and --viewer", "one of them"]),

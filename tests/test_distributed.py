@@ -133,6 +133,8 @@ def test_sigterm_to_the_launcher_stops_both_processes_with_one_final_checkpoint(
     out, err, ckpts = stopped_run["stdout"], stopped_run["stderr"], stopped_run["checkpoints"]
     done = ckpts["latest.pt"]["iteration"]
     assert done >= 2 and out.count(f"stopped after iteration {done}; resume with") == 1, out
+    # the printed command resumes exactly: as many processes again
+    assert "resume with: torchrun --standalone --nproc-per-node 2 " in out, out
     assert out.count("SIGTERM: finishing this iteration") == 1, out  # rank 0 alone prints
     # Both processes saved together (each one's environments and digest are in it) and left cleanly: no traceback
     # from either (torchrun's own report of the signal it got is its business), no forced kill after its 30 s.

@@ -711,3 +711,26 @@ def test_action_delay_applies_the_previous_action(delay):
     env.step(a2)
     want = torch.stack([home[0], home[1] + scale * a2[1]]) if delay else home + scale * a2
     torch.testing.assert_close(env.sim.ctrl, want)
+
+
+def test_nominal_and_randomized_evaluations_see_the_same_starts_and_commands():
+    """The optional parts draw their random numbers whether on or off, so that evaluate()'s two conditions (and any
+    two configurations) get the same initial states and the same command at every step: their difference is the
+    models, pushes and noise, not the sample."""
+    cpu = torch.device("cpu")
+    runs = []
+    for on in (False, True):
+        extra = {} if on else dict(domain_rand=False, push_interval_s=0.0, obs_noise=False)
+        cfg = dataclasses.replace(loco.Go1Config.from_args(loco.Args(push_interval_s=0.1)), **extra)
+        with ec.separate_rng(123, cpu), torch.no_grad():
+            env = loco.Go1Env(8, cpu, dataclasses.replace(cfg, command_resample_s=0.1))
+            env.reset()
+            start, commands = env.sim.qpos.clone(), []
+            for _ in range(12):
+                env.step(torch.zeros(8, env.num_actions))
+                commands.append(env.commands.clone())
+        runs.append((start, torch.stack(commands)))
+    (start_n, commands_n), (start_r, commands_r) = runs
+    assert torch.equal(start_n, start_r), "different initial states"
+    assert torch.equal(commands_n, commands_r), "different commands"
+    assert commands_n.std(dim=0).max() > 0, "the commands were never resampled: the test would show nothing"
