@@ -23,24 +23,9 @@ import torch
 import envs_common as ec
 import ppo_isaac_locomotion
 import ppo_isaac_reach
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--device",
-    "cpu",
-    "--num-envs",
-    "4",
-    "--num-steps",
-    "8",
-    "--num-minibatches",
-    "2",
-    "--update-epochs",
-    "1",
-    "--eval-interval",
-    "0",
-    "--episode-length-s",
-    "1.0",
-]
 STEPS_PER_ITERATION = 2 * 4 * 8  # processes x environments x steps
 
 

@@ -15,24 +15,9 @@ import torch
 
 import ppo_isaac_locomotion
 import ppo_isaac_reach
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--device",
-    "cpu",
-    "--num-envs",
-    "4",
-    "--num-steps",
-    "8",
-    "--num-minibatches",
-    "2",
-    "--update-epochs",
-    "1",
-    "--eval-interval",
-    "0",
-    "--episode-length-s",
-    "1.0",
-]
 SCRIPTS = {
     "locomotion": (ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env),
     "reach": (ppo_isaac_reach, ppo_isaac_reach.ReachEnv),

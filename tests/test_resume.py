@@ -12,24 +12,9 @@ import pytest
 import torch
 
 import envs_common as ec
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--device",
-    "cpu",
-    "--num-envs",
-    "4",
-    "--num-steps",
-    "8",
-    "--num-minibatches",
-    "2",
-    "--update-epochs",
-    "1",
-    "--eval-interval",
-    "0",
-    "--episode-length-s",
-    "1.0",
-]
 
 
 def run(script, args, cwd, **env):
