@@ -783,10 +783,20 @@ def quat_from_yaw(yaw: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Rendering (MuJoCo's OpenGL renderer on one world copied to the host: for videos, never inside training's hot loop)
 # ----------------------------------------------------------------------------------------------------------------
-class Renderer:
-    """Renders one environment of a BatchedSim to an (height, width, 3) uint8 image."""
+def tracking_camera(body_id: int, distance: float, elevation: float, azimuth: float) -> mujoco.MjvCamera:
+    """A camera for Renderer that follows body `body_id` from `distance` m, looking down `elevation` degrees below
+    the horizon (negative: from above), from compass direction `azimuth` degrees (MuJoCo's mjCAMERA_TRACKING)."""
+    camera = mujoco.MjvCamera()
+    camera.type = mujoco.mjtCamera.mjCAMERA_TRACKING
+    camera.trackbodyid, camera.distance, camera.elevation, camera.azimuth = body_id, distance, elevation, azimuth
+    return camera
 
-    def __init__(self, sim: BatchedSim, width: int = 640, height: int = 480, camera: str | int = -1):
+
+class Renderer:
+    """Renders one environment of a BatchedSim to an (height, width, 3) uint8 image, seen from `camera`: a camera
+    of the model (name or id; -1 MuJoCo's free camera) or an mujoco.MjvCamera (tracking_camera)."""
+
+    def __init__(self, sim: BatchedSim, width: int = 640, height: int = 480, camera=-1):
         self.sim, self.camera = sim, camera
         fix = (
             "set MUJOCO_GL=egl on a GPU machine (Debian/Ubuntu: apt-get install libegl1) or MUJOCO_GL=osmesa on "

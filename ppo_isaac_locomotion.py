@@ -19,6 +19,7 @@ import time
 PROCESS_START = time.time()  # wall-clock figures count from the script's first line, imports included
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -32,6 +33,7 @@ from envs_common import UserError
 SCRIPT = Path(__file__).stem
 MAX_TIME_S = 86_400.0  # s: the longest episode, command or push interval accepted
 POLICY_DT = 0.02  # s: a 50 Hz policy over go1.xml's 200 Hz physics, as legged_gym (sim dt 0.005 s, decimation 4)
+TERRAINS = ("flat", "rough")  # --terrain
 
 
 @dataclass
@@ -81,7 +83,8 @@ class Args:
     num_envs: int | None = None
     """number of parallel environments (default: 4096 on a GPU, 32 on the CPU)"""
     num_iterations: int | None = None
-    """number of PPO iterations of num_envs * num_steps steps each (default: 500 on a GPU, 5 on the CPU)"""
+    """number of PPO iterations of num_envs * num_steps steps each (default: on a GPU 500, 1500 on rough terrain;
+    5 on the CPU)"""
     num_steps: int = 24
     """steps per environment per iteration (the rollout's length)"""
 
@@ -132,6 +135,10 @@ class Args:
     """joint target = home pose + action_scale * action (rad)"""
     solver: tuple[int, int] | None = None
     """Newton and line-search iterations per physics step instead of go1.xml's 4 and 8 (faster, less accurate)"""
+    terrain: str = "flat"
+    """'flat' (a plane) or 'rough': TERRAIN_TYPES on a grid of levels, a terrain curriculum and a height scan"""
+    terrain_levels: int = 10
+    """with --terrain rough: rows of growing difficulty, 0 (nearly flat) to terrain_levels - 1 (the hardest)"""
 
     # Robustness: the differences between this simulator and a robot (legged_gym's domain_rand and noise)
     domain_rand: bool = True
@@ -163,6 +170,9 @@ def check_args(args: Args) -> None:
         ec.check_pair(args, name)
     ec.check_range(args, "action_scale", 0, lo_open=True)
     ec.check_pair(args, "solver", lo=1, integer=True, ordered=False)
+    if args.terrain not in TERRAINS:
+        raise UserError(f"--terrain {args.terrain!r}: give one of {', '.join(TERRAINS)}")
+    ec.check_range(args, "terrain_levels", 1, 100, integer=True, hint="legged_gym uses 10")
     ec.check_range(args, "push_interval_s", 0, MAX_TIME_S, hint="0 turns pushes off; at most a day")
     if 0 < args.push_interval_s < POLICY_DT:
         raise UserError(
@@ -269,6 +279,7 @@ OBS_NOISE = {  # by the OBSERVATION table's names
     "joint_pos": 0.01,  # rad
     "joint_vel": 1.5,  # rad/s
     "last_action": 0.0,
+    "measured_heights": 0.1,  # m
 }
 
 # The observation, term by term in this order: name, size ("nu": one per actuator, in action order), units, meaning.
@@ -284,6 +295,68 @@ OBSERVATION = (
     ("last_action", "nu", "1", "the previous policy step's actions, clipped as the environment clips them"),
 )
 ACTION_CLIP = 100.0  # actions are clipped to +-100 (legged_gym's clip_actions)
+
+# Rough terrain (--terrain rough). legged_gym's LeggedRobotCfg.terrain, which its A1 (a Go1-class robot) trains on
+# as it is: 8 m x 8 m tiles, rows of growing difficulty (the curriculum's levels), 20 columns of terrain types in
+# these proportions, the robots spawned on a 3 m flat platform at each tile's centre.
+TERRAIN_TYPES = {  # type: the share of the columns
+    "smooth_slope": 0.1,  # a pyramid (or, drawn per tile, an inverted one) of slope 0.4 * difficulty
+    "rough_slope": 0.1,  # the same with +-5 cm of bumps on top
+    "stairs_up": 0.35,  # 31 cm deep steps of 5 to 23 cm: the robot starts in a pit and climbs out
+    "stairs_down": 0.25,  # the same, the robot starts on top and climbs down
+    "obstacles": 0.2,  # 20 boxes 1 to 2 m wide, 5 to 25 cm high or deep, around the platform
+}
+TERRAIN_COLUMNS = 20
+TILE_SIZE = 8.0  # m
+TERRAIN_PLATFORM = 3.0  # m: the flat square at each tile's centre
+TERRAIN_HSCALE = 0.1  # m between the heightfield's samples (legged_gym's and Isaac Lab's horizontal_scale)
+TERRAIN_BORDER = 25.0  # m of flat ground around the grid, for robots that walk off its edge (legged_gym's)
+MAX_INIT_LEVEL = 5  # robots start at a level drawn in 0..5 (legged_gym's max_init_terrain_level)
+SPAWN_SPREAD = 1.0  # m: robots start within +-1 m of their tile's centre along x and y (on the platform)
+TILE_STATS = ("steps", "lin_err", "ss_steps", "lin_err_ss", "episodes", "falls", "walked_off")  # sums per tile
+
+
+def terrain_tile(kind: str, difficulty: float, shape: tuple[int, int], hscale: float, rng) -> np.ndarray:
+    """Heights (m) of one tile of type `kind` at `difficulty` in [0, 1] (the level over the top level), shape (nx, ny)
+    samples `hscale` m apart: legged_gym's difficulty mapping (terrain.py's make_terrain), whose top row is
+    difficulty 0.9; here the top level is 1.0, a little harder (steps 23 cm instead of 21)."""
+    slope = 0.4 * difficulty  # rise over run
+    step = 0.05 + 0.18 * difficulty  # m
+    obstacle = 0.05 + 0.2 * difficulty  # m
+    if kind in ("smooth_slope", "rough_slope"):
+        heights = ec.pyramid_slope(shape, hscale, slope * rng.choice((-1.0, 1.0)), TERRAIN_PLATFORM)
+        if kind == "rough_slope":
+            heights = heights + ec.random_uniform(shape, hscale, -0.05, 0.05, 0.005, 0.2, rng, TERRAIN_PLATFORM)
+        return heights
+    if kind in ("stairs_up", "stairs_down"):
+        return ec.pyramid_stairs(shape, hscale, 0.31, step if kind == "stairs_down" else -step, TERRAIN_PLATFORM)
+    if kind == "obstacles":
+        return ec.discrete_obstacles(shape, hscale, obstacle, 1.0, 2.0, 20, TERRAIN_PLATFORM, rng)
+    raise ValueError(f"unknown terrain type {kind!r}")
+
+
+@functools.lru_cache(maxsize=2)
+def build_terrain(levels: int, seed: int) -> ec.TerrainMap:
+    """The rough terrain of `levels` rows and TERRAIN_COLUMNS columns, the same for a given (levels, seed): built once
+    per process, shared by training, evaluations and videos."""
+    columns = ec.columns_by_proportion(TERRAIN_TYPES, TERRAIN_COLUMNS)
+    return ec.generate_terrain(
+        terrain_tile, columns, levels, (TILE_SIZE, TILE_SIZE), TERRAIN_HSCALE, TERRAIN_BORDER, seed=seed
+    )
+
+
+# The height scan (legged_gym's measured_heights): the terrain under 17 x 11 points 0.1 m apart around the trunk,
+# x forward in [-0.8, 0.8] m and y left in [-0.5, 0.5] m, turning with the trunk's yaw (not its roll and pitch).
+HEIGHT_SCAN_X = tuple(round(-0.8 + 0.1 * i, 1) for i in range(17))
+HEIGHT_SCAN_Y = tuple(round(-0.5 + 0.1 * i, 1) for i in range(11))
+HEIGHT_SCAN_CLIP = 1.0  # m (legged_gym clips at +-1 m)
+MEASURED_HEIGHTS = (
+    "measured_heights",
+    len(HEIGHT_SCAN_X) * len(HEIGHT_SCAN_Y),
+    "m",
+    "trunk height above the terrain at 17 x 11 points around it (x forward -0.8 to 0.8 m, y left -0.5 to 0.5 m, "
+    "0.1 m apart, x-major, turning with the trunk's yaw), clipped to +-1 m; --terrain rough only",
+)
 
 
 @dataclass
@@ -303,6 +376,9 @@ class Go1Config:
     push_vel: float
     obs_noise: bool
     action_delay: bool
+    terrain: str
+    terrain_levels: int
+    seed: int  # the terrain's (the same terrain for a given seed, whatever the process)
 
     @classmethod
     def from_args(cls, args: Args) -> Go1Config:
@@ -310,7 +386,12 @@ class Go1Config:
 
 
 # What a policy's observations and actions mean, and its task: --eval and --export take these from the checkpoint.
-TASK_ARGS = tuple(f.name for f in dataclasses.fields(Go1Config)) + ("obs_clip",)
+TASK_ARGS = tuple(f.name for f in dataclasses.fields(Go1Config) if f.name != "seed") + ("obs_clip",)
+
+
+def observation_table(terrain: str) -> tuple:
+    """The OBSERVATION table of a terrain: with --terrain rough, the height scan follows the flat task's terms."""
+    return OBSERVATION + ((MEASURED_HEIGHTS,) if terrain == "rough" else ())
 
 
 def base_frame(qpos: torch.Tensor, qvel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,11 +401,25 @@ def base_frame(qpos: torch.Tensor, qvel: torch.Tensor) -> tuple[torch.Tensor, to
     return ec.quat_rotate_inverse(quat, qvel[:, 0:3]), ec.projected_gravity(quat)
 
 
-def observation(qpos, qvel, commands, last_actions, default_dof_pos) -> torch.Tensor:
-    """The policy's observation (N, num_obs), laid out as the OBSERVATION table says, from the state: qpos (N, nq)
+def measured_heights(base_pos: torch.Tensor, base_quat: torch.Tensor, scan: torch.Tensor, height_map) -> torch.Tensor:
+    """legged_gym's measured_heights: the trunk's height above the terrain (m) at the scan points, (N, P), clipped to
+    +-HEIGHT_SCAN_CLIP. base_pos (N, 3) and base_quat (N, 4, w first) are the trunk's world pose, scan (P, 2) the
+    points' (x, y) in the trunk's yaw frame (m), height_map an envs_common.HeightMap ((..., 2) world x, y ->
+    (...) terrain height, m). On the device, no host sync: it runs inside the recorded step."""
+    yaw = ec.yaw_from_quat(base_quat)[:, None]
+    cos, sin = torch.cos(yaw), torch.sin(yaw)
+    x = base_pos[:, 0:1] + cos * scan[:, 0] - sin * scan[:, 1]
+    y = base_pos[:, 1:2] + sin * scan[:, 0] + cos * scan[:, 1]
+    terrain = height_map(torch.stack([x, y], dim=-1))
+    return (base_pos[:, 2:3] - terrain).clamp(-HEIGHT_SCAN_CLIP, HEIGHT_SCAN_CLIP)
+
+
+def observation(qpos, qvel, commands, last_actions, default_dof_pos, heights=None) -> torch.Tensor:
+    """The policy's observation (N, num_obs), laid out as observation_table() says, from the state: qpos (N, nq)
     and qvel (N, nv) (the free joint first, then one hinge per actuator), commands (N, 3), the last actions
-    (N, nu) and the home pose of the joints (nu,). The one observation function: Go1Env calls it on MuJoCo Warp's
-    state, and --sim2sim on MuJoCo C's, through the same Go1Env."""
+    (N, nu), the home pose of the joints (nu,) and, on rough terrain, the height scan (N, P) (measured_heights).
+    The one observation function: Go1Env calls it on MuJoCo Warp's state, and --sim2sim on MuJoCo C's, through the
+    same Go1Env."""
     base_lin_vel, projected_gravity = base_frame(qpos, qvel)
     terms = {
         "base_lin_vel": base_lin_vel,
@@ -334,8 +429,10 @@ def observation(qpos, qvel, commands, last_actions, default_dof_pos) -> torch.Te
         "joint_pos": qpos[:, 7:] - default_dof_pos,
         "joint_vel": qvel[:, 6:],
         "last_action": last_actions,
+        "measured_heights": heights,
     }
-    return torch.cat([terms[name] for name, *_ in OBSERVATION], dim=-1)
+    table = observation_table("flat" if heights is None else "rough")
+    return torch.cat([terms[name] for name, *_ in table], dim=-1)
 
 
 class Go1Env:
@@ -346,7 +443,13 @@ class Go1Env:
       [6:9]   projected_gravity (unit, trunk frame)             [9:12]  command (vx m/s, vy m/s, yaw rate rad/s)
       [12:24] joint_pos: minus the home pose (rad)              [24:36] joint_vel (rad/s)
       [36:48] last_action
+      [48:235] measured_heights, with --terrain rough only (num_obs 235): trunk height above 17 x 11 terrain points (m)
     Actions: one per actuator (the model's nu), joint target = home pose + action_scale * action.
+
+    Rough terrain (terrain "rough"): go1.xml's floor becomes build_terrain()'s heightfield. Each environment has a
+    tile, terrain_level (N,) and terrain_col (N,), and starts each episode near its centre, env_origin (N, 3); at
+    each reset the curriculum moves it a level up or down by how far it walked (_update_terrain_curriculum). With
+    `curriculum=False` (evaluations) the environments are spread evenly over every tile and stay there.
 
     Robustness (each a Go1Config switch): with domain_rand, the simulator's per-world model fields (BatchedSim.model)
     are drawn from DOMAIN_RAND for each environment at each of its resets; pushes set the trunk's horizontal
@@ -357,10 +460,13 @@ class Go1Env:
     --viewer, behind the same interface, so that the observations, commands, terminations and metrics are this code.
     """
 
-    def __init__(self, num_envs: int, device: torch.device, cfg: Go1Config | None = None, sim=None):
+    def __init__(
+        self, num_envs: int, device: torch.device, cfg: Go1Config | None = None, sim=None, curriculum: bool = True
+    ):
         self.cfg = cfg = cfg or Go1Config.from_args(Args())
         self.device, self.num_envs = device, num_envs
-        mjm = ec.load_model(ASSET)
+        self.terrain = build_terrain(cfg.terrain_levels, cfg.seed) if cfg.terrain == "rough" else None
+        mjm = ec.load_model(ASSET) if self.terrain is None else ec.add_terrain(ASSET, self.terrain)  # floor -> terrain
         if cfg.solver is not None:  # read when the model goes to MuJoCo Warp
             mjm.opt.iterations, mjm.opt.ls_iterations = cfg.solver
         # Contact forces: for feet air time, collisions and falls. No body poses: nothing here reads them.
@@ -372,7 +478,8 @@ class Go1Env:
             kwargs["per_world"] = RANDOMIZED_FIELDS
         self.sim = s = (sim or ec.BatchedSim)(mjm, num_envs, device, **kwargs)
         self.num_actions = nu = mjm.nu
-        self.num_obs = ec.observation_size(OBSERVATION, nu)
+        self.observation_table = observation_table(cfg.terrain)
+        self.num_obs = ec.observation_size(self.observation_table, nu)
         self.dt = mjm.opt.timestep * decimation
         self.max_episode_length = int(round(cfg.episode_length_s / self.dt))
         self.resample_steps = max(1, int(round(cfg.command_resample_s / self.dt)))
@@ -410,7 +517,10 @@ class Go1Env:
         self.com_hi = torch.tensor([com_xy[1], com_xy[1], com_z[1]], device=device)
         # The noise scale of each observation, term by term in the OBSERVATION table's order.
         self.noise_scale = torch.cat(
-            [torch.full((nu if n == "nu" else n,), OBS_NOISE[name], device=device) for name, n, *_ in OBSERVATION]
+            [
+                torch.full((nu if n == "nu" else n,), OBS_NOISE[name], device=device)
+                for name, n, *_ in self.observation_table
+            ]
         )
         assert self.noise_scale.numel() == self.num_obs
 
@@ -446,6 +556,35 @@ class Go1Env:
         ]
         self.stats = {k: z() for k in stat_names + [f"rew_{n}" for n in self.reward_names]}
 
+        # Rough terrain: the tiles (Isaac Gym: env_origins), the height scan and the curriculum's state.
+        self.terrain_level, self.terrain_col = z(dtype=torch.long), z(dtype=torch.long)
+        self.env_origin, self.heights = z(3), z(0)
+        if self.terrain is not None:
+            t = self.terrain
+            self.height_map = ec.HeightMap(t, device)
+            self.scan = torch.tensor(
+                [(x, y) for x in HEIGHT_SCAN_X for y in HEIGHT_SCAN_Y], dtype=torch.float32, device=device
+            )
+            self.heights = z(len(self.scan))
+            self.num_levels, self.type_names = t.num_levels, list(TERRAIN_TYPES)
+            self.tile_origins = torch.tensor(t.tile_origins, dtype=torch.float32, device=device)
+            self.col_type = torch.tensor([self.type_names.index(c) for c in t.column_types], device=device)
+            self.curriculum = curriculum
+            ids = torch.arange(num_envs, device=device)
+            if curriculum:  # legged_gym: columns in equal shares, levels drawn up to MAX_INIT_LEVEL
+                self.terrain_col.copy_(ids * t.num_cols // num_envs)
+                top = min(MAX_INIT_LEVEL, t.num_levels - 1)
+                self.terrain_level.copy_((self._rand(num_envs) * (top + 1)).long().clamp_(max=top))
+            else:  # evaluations: as many robots on every level, spread evenly over its columns
+                per_level = -(-num_envs // t.num_levels)
+                self.terrain_level.copy_(ids % t.num_levels)
+                self.terrain_col.copy_((ids // t.num_levels) * t.num_cols // per_level)
+            self.env_origin.copy_(self.tile_origins[self.terrain_level, self.terrain_col])
+            # Per (level, type) sums, reduced once per iteration: steps, lin_err, steady steps, steady lin_err,
+            # episodes, falls, episodes that walked off their tile (the curriculum's promotions).
+            self.tile_stats = torch.zeros(len(TILE_STATS), t.num_levels * len(self.type_names), device=device)
+            self._tile_count = None  # robots per tile, counted by stat_tensors()
+
     STATE = (
         "actions",
         "last_actions",
@@ -457,6 +596,9 @@ class Go1Env:
         "episode_length",
         "episode_return",
         "obs_noise",
+        "terrain_level",
+        "terrain_col",
+        "env_origin",
     )
 
     def state_dict(self) -> dict:
@@ -501,6 +643,9 @@ class Go1Env:
         if self.cfg.domain_rand:
             self._randomize_model(mask, draws)  # s.reset() below refreshes the constants MuJoCo derives from it
         qpos = s.default_qpos.expand(n, -1).clone()
+        if self.terrain is not None:  # on the tile's platform, the trunk as high above it as go1.xml's home pose
+            qpos[:, 0:3] += self.env_origin
+            qpos[:, 0:2] += self._rand(n, 2, lo=-SPAWN_SPREAD, hi=SPAWN_SPREAD)
         qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-math.pi, hi=math.pi))  # any heading
         qpos[:, 7:] = self._rand(
             n, self.num_actions, lo=self.reset_dof_lo, hi=self.reset_dof_hi
@@ -575,7 +720,8 @@ class Go1Env:
         self.episode_length.copy_((self._rand(self.num_envs) * self.max_episode_length).long())
 
     def _observe(self) -> torch.Tensor:
-        return observation(self.sim.qpos, self.sim.qvel, self.commands, self.actions, self.default_dof_pos)
+        heights = self.heights if self.terrain is not None else None
+        return observation(self.sim.qpos, self.sim.qvel, self.commands, self.actions, self.default_dof_pos, heights)
 
     def _add_obs_noise(self, obs: torch.Tensor) -> torch.Tensor:
         """`obs` (num_envs, num_obs) plus uniform noise of OBS_NOISE's scales with --obs-noise (legged_gym's
@@ -604,6 +750,26 @@ class Go1Env:
         base_lin_vel, projected_gravity = base_frame(self.sim.qpos, self.sim.qvel)
         self.base_lin_vel.copy_(base_lin_vel)
         self.projected_gravity.copy_(projected_gravity)
+        if self.terrain is not None:
+            self.heights.copy_(measured_heights(self.root_pos, self.root_quat, self.scan, self.height_map))
+
+    def _update_terrain_curriculum(self, mask: torch.Tensor) -> None:
+        """legged_gym's terrain curriculum, for the environments in `mask` whose episode ended: a robot that walked
+        farther than half a tile from its start moves a level up, one that covered less than half the distance its
+        command asked for over a whole episode moves a level down (never below 0), and one that walks off the top
+        level goes to a random level, so that the top does not fill up and the lower levels stay practised. A level
+        change moves the robot to the tile of the new level in its column; the next reset starts it there."""
+        if self.terrain is None or not self.curriculum:  # Python values of the configuration: no device sync
+            return
+        walked = (self.root_pos[:, :2] - self.env_origin[:, :2]).norm(dim=1)
+        up = walked > TILE_SIZE / 2
+        down = (walked < self.commands[:, :2].norm(dim=1) * self.cfg.episode_length_s * 0.5) & ~up
+        level = self.terrain_level + up.long() - down.long()
+        top = self.num_levels - 1
+        anywhere = (self._rand(self.num_envs) * (top + 1)).long().clamp_(max=top)
+        level = torch.where(level > top, anywhere, level.clamp(min=0))
+        self.terrain_level.copy_(torch.where(mask, level, self.terrain_level))
+        self.env_origin.copy_(self.tile_origins[self.terrain_level, self.terrain_col])
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self, actions: torch.Tensor):
@@ -643,6 +809,7 @@ class Go1Env:
         # NaN * 0 is NaN: select, never multiply.
         final_obs = torch.where(self.broken[:, None], 0.0, self._add_obs_noise(self._observe()))
         done = self.terminated | self.broken
+        self._update_terrain_curriculum((done | truncated) & ~self.broken)
         obs = self.reset(done | truncated)
         return obs, reward, done, truncated, final_obs
 
@@ -679,15 +846,36 @@ class Go1Env:
         st["ss_steps"] += steady
         st["nonfinite"] += nonfinite
         st["overflows"] += overflowed
+        if self.terrain is not None:  # the same by tile: level and type
+            walked_off = (self.root_pos[:, :2] - self.env_origin[:, :2]).norm(dim=1) > TILE_SIZE / 2
+            tile = self.terrain_level * len(self.type_names) + self.col_type[self.terrain_col]
+            rows = (ok, lin_err, steady, lin_err * steady, done, fell, done & walked_off)
+            self.tile_stats.index_add_(1, tile, torch.stack([r.float() for r in rows]))
         for name in self.reward_names:
             st[f"rew_{name}"] += self.episode_sums[name] * done
             self.episode_sums[name].masked_fill_(done | self.broken, 0.0)
         self.episode_return.masked_fill_(done | self.broken, 0.0)
 
+    def stat_tensors(self) -> list[torch.Tensor]:
+        """The statistics' sums, which torch.distributed adds up over processes before pop_stats(); on rough terrain
+        with the count of robots per tile, counted now."""
+        tensors = list(self.stats.values())
+        if self.terrain is not None:
+            tile = self.terrain_level * len(self.type_names) + self.col_type[self.terrain_col]
+            self._tile_count = torch.zeros(self.tile_stats.shape[1], device=self.device).index_add_(
+                0, tile, torch.ones(self.num_envs, device=self.device)
+            )
+            tensors += [self.tile_stats, self._tile_count]
+        return tensors
+
     def pop_stats(self) -> dict[str, float]:
         """Means since the last call (one host sync). Tracking errors: overall, and steady-state (from
-        STEADY_AFTER_S after each command change on); episode means over the episodes that ended."""
-        v = dict(zip(self.stats, torch.stack(list(self.stats.values())).sum(dim=1).tolist()))
+        STEADY_AFTER_S after each command change on); episode means over the episodes that ended. On rough terrain
+        also, by terrain type and by tile ("tile/<type>/<level>/..."), and the curriculum's levels now
+        ("curriculum/..."); see terrain_figures()."""
+        tensors = self.stat_tensors() if getattr(self, "_tile_count", None) is None else list(self.stats.values())
+        v = dict(zip(self.stats, torch.stack(tensors[: len(self.stats)]).sum(dim=1).tolist()))
+        terrain = self.terrain_figures() if self.terrain is not None else {}
         for t in self.stats.values():
             t.zero_()
         steps, steady = max(v["err_steps"], 1.0), v["ss_steps"]
@@ -709,6 +897,52 @@ class Go1Env:
                 episodic_length_s=v["length"] / episodes * self.dt,
             )
             out.update({f"reward_{n}": v[f"rew_{n}"] / episodes for n in self.reward_names})
+        return {**out, **terrain}
+
+    def terrain_figures(self) -> dict[str, float]:
+        """The rough terrain's sums since the last pop_stats() as figures, and zeroes them: for each terrain type and
+        level, "tile/<type>/<level>/" + lin_vel_error, lin_vel_error_steady, fall_rate, its 95% interval, episodes
+        and walked_off (the share of episodes that left their tile: the curriculum's promotions); for each type
+        "terrain/<type>/" + lin_vel_error and fall_rate; and the curriculum's state: "curriculum/mean_level" (levels
+        from 0), by type, and "curriculum/level_fraction/<level>" (the share of robots on each level)."""
+        sums = self.tile_stats.view(len(TILE_STATS), self.num_levels, len(self.type_names))
+        count = self._tile_count.view(self.num_levels, len(self.type_names))
+        sums, count = sums.tolist(), count.tolist()
+        self.tile_stats.zero_()
+        self._tile_count = None
+        k = {name: i for i, name in enumerate(TILE_STATS)}
+
+        def figures(sel) -> dict[str, float]:  # sel: [(level, type)] pooled
+            total = {name: sum(sums[i][lv][ty] for lv, ty in sel) for name, i in k.items()}
+            low, high = ec.wilson_interval(total["falls"], total["episodes"])
+            nan = float("nan")
+            return {
+                "lin_vel_error": total["lin_err"] / total["steps"] if total["steps"] else nan,
+                "lin_vel_error_steady": total["lin_err_ss"] / total["ss_steps"] if total["ss_steps"] else nan,
+                "fall_rate": total["falls"] / total["episodes"] if total["episodes"] else nan,
+                "fall_rate_ci95_low": low,
+                "fall_rate_ci95_high": high,
+                "episodes": total["episodes"],
+                "walked_off": total["walked_off"] / total["episodes"] if total["episodes"] else nan,
+            }
+
+        out = {}
+        levels = range(self.num_levels)
+        robots = sum(map(sum, count))
+        for ty, name in enumerate(self.type_names):
+            for lv in levels:
+                out.update({f"tile/{name}/{lv}/{m}": x for m, x in figures([(lv, ty)]).items()})
+            whole = figures([(lv, ty) for lv in levels])
+            out[f"terrain/{name}/lin_vel_error"], out[f"terrain/{name}/fall_rate"] = (
+                whole["lin_vel_error"],
+                whole["fall_rate"],
+            )
+            on_type = sum(count[lv][ty] for lv in levels)
+            out[f"curriculum/mean_level/{name}"] = (
+                sum(lv * count[lv][ty] for lv in levels) / on_type if on_type else float("nan")
+            )
+        out["curriculum/mean_level"] = sum(lv * sum(count[lv]) for lv in levels) / max(robots, 1)
+        out.update({f"curriculum/level_fraction/{lv}": sum(count[lv]) / max(robots, 1) for lv in levels})
         return out
 
     # ---- Reward terms: one small function each, scaled by REWARD_SCALES ----------------------------------------
@@ -730,7 +964,9 @@ class Go1Env:
         return self.projected_gravity[:, :2].square().sum(dim=1)
 
     def _reward_base_height(self):
-        return (self.root_pos[:, 2] - self.base_height_target).square()
+        # On rough terrain, above the mean of the height scan's points (legged_gym).
+        height = self.heights.mean(dim=1) if self.terrain is not None else self.root_pos[:, 2]
+        return (height - self.base_height_target).square()
 
     def _reward_torques(self):
         return self.sim.act_force.square().sum(dim=1)
@@ -1032,7 +1268,9 @@ def main(args: Args) -> None:
     args.num_envs = args.num_envs or (
         64 if args.sim2sim else 1 if args.viewer else 4096 if device.type == "cuda" else 32
     )
-    args.num_iterations = args.num_iterations or (500 if device.type == "cuda" else 5)
+    args.num_iterations = args.num_iterations or (
+        5 if device.type == "cpu" else 500 if args.terrain == "flat" else 1500
+    )
     check_args(args)
     ec.note_gpu_only_flags(args, device)
     requested_speed = ec.gpu_speed_flags(args, device)
@@ -1200,7 +1438,7 @@ def main(args: Args) -> None:
             sys.exit(3)
 
         # ---- Logging: one host sync per iteration ----
-        dist.sum_(list(env.stats.values()))  # every process's environments (sums per environment) in the figures
+        dist.sum_(env.stat_tensors())  # every process's environments (sums per environment) in the figures
         stats = env.pop_stats()
         iteration_times.append(time.perf_counter() - t_start)
         sps = int(W * batch_size / iteration_times[-1])
@@ -1238,6 +1476,7 @@ def main(args: Args) -> None:
                 }
             )
             scalars.update({f"rewards/{n}": stats[f"reward_{n}"] for n in env.reward_names})
+        scalars.update({k: v for k, v in stats.items() if k.startswith(("curriculum/", "terrain/"))})  # rough only
         logger.scalars(scalars, global_step)
         steady = iteration_times[2:][-20:]  # the first two iterations compile and record graphs
         left = float(np.median(steady)) * (args.num_iterations - iteration) if steady else float("nan")
@@ -1245,7 +1484,9 @@ def main(args: Args) -> None:
             f"iter {iteration:5d}/{args.num_iterations} | steps {global_step:>11,} | SPS {sps:>9,} | "
             f"return {stats.get('episodic_return', float('nan')):7.2f} | v err {stats['lin_vel_error']:.3f} m/s | "
             f"yaw err {stats['yaw_rate_error']:.3f} rad/s | falls {stats.get('fall_rate', float('nan')):.3f} | "
-            f"{ec.duration(wall)}, {ec.duration(left)} left" + ec.fault_note(stats),
+            + (f"level {stats['curriculum/mean_level']:.2f}/{env.num_levels - 1} | " if env.terrain else "")
+            + f"{ec.duration(wall)}, {ec.duration(left)} left"
+            + ec.fault_note(stats),
             flush=True,
         )
 
@@ -1277,6 +1518,8 @@ def main(args: Args) -> None:
                     ),
                     flush=True,
                 )
+            if env.terrain is not None:
+                print_terrain_summary(last_eval, "_randomized", top_levels=3)
             eval_time += time.time() - t0
         stop_signal = dist.agree_on_signal(stop.signal)  # a signal to any process stops them all after this iteration
         if iteration % args.save_interval == 0 or last or stop_signal is not None:
@@ -1364,7 +1607,9 @@ def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
         flush=True,
     )
     metrics = evaluate(agent, normalizer, device, args, args.num_envs)
-    nominal = {k: v for k, v in metrics.items() if not k.endswith("_randomized")}
+    nominal = {
+        k: v for k, v in metrics.items() if not k.endswith("_randomized") and not k.startswith(("tile/", "terrain/"))
+    }
     extras = [name for name, on in (("pushes", args.push_interval_s > 0), ("noise", args.obs_noise)) if on]
     ec.print_metrics_side_by_side(
         "evaluation (deterministic policy, the same starts and commands): go1.xml as compiled, and randomized models"
@@ -1372,8 +1617,22 @@ def evaluate_or_export(agent, normalizer, env, device, args: Args) -> None:
         {"nominal": nominal, "randomized": {k: metrics[k + "_randomized"] for k in nominal}},
         EVAL_UNITS,
     )
+    reached = {}
+    if args.terrain == "rough":
+        print(
+            f"by terrain type and level (randomized models; {args.num_envs} robots spread evenly over the "
+            f"{args.terrain_levels} x {TERRAIN_COLUMNS} tiles, each kept on its tile; nominal figures in eval.json):"
+        )
+        print_terrain_summary(metrics, "_randomized")
+        reached = trained_levels(ec.load_checkpoint(args.checkpoint, torch.device("cpu"), SCRIPT))
+        if reached:
+            print(
+                f"curriculum level reached in training (0 to {args.terrain_levels - 1}): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in reached.items())
+            )
     out = ec.run_dir_of(args.checkpoint) / "eval.json"
-    ec.write_json(out, {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics})
+    record = {"checkpoint": args.checkpoint, "num_envs": args.num_envs, **metrics}
+    ec.write_json(out, {**record, **({"curriculum_level_reached": reached} if reached else {})})
     print(f"wrote {out}")
     if args.capture_video:
         video = out.with_name("eval_video.mp4")
@@ -1402,7 +1661,7 @@ def evaluate(
     metrics = {}
     for suffix, cfg in conditions.items():
         with ec.separate_rng(args.seed + 10_000, device):  # the same environments every time; training's untouched
-            env = Go1Env(num_envs, device, cfg, sim=sim)
+            env = Go1Env(num_envs, device, cfg, sim=sim, curriculum=False)  # rough terrain: every tile alike
             obs = env.reset()
 
             def eval_step(env=env, obs=obs):
@@ -1425,8 +1684,58 @@ def evaluate(
             "episodes": int(s["episodes"]),
             "episode_length_s": s.get("episodic_length_s", 0.0),
         }
+        one.update({k: v for k, v in s.items() if k.startswith(("tile/", "terrain/"))})  # rough terrain's
         metrics.update({k + suffix: v for k, v in one.items()})
     return metrics
+
+
+def print_terrain_summary(metrics: dict[str, float], suffix: str, top_levels: int | None = None) -> None:
+    """An evaluation's figures on rough terrain by type and level (evaluate()'s "tile/" keys ending in `suffix`): a
+    line per type and level, or, with `top_levels`, one line per type pooling its top levels."""
+    types = sorted({k.split("/")[1] for k in metrics if k.startswith("tile/")}, key=list(TERRAIN_TYPES).index)
+    levels = sorted({int(k.split("/")[2]) for k in metrics if k.startswith("tile/")})
+
+    def pooled(ty, lvs):  # episode-weighted over levels
+        get = lambda lv, m: metrics[f"tile/{ty}/{lv}/{m}{suffix}"]  # noqa: E731
+        episodes = sum(get(lv, "episodes") for lv in lvs)
+        falls = sum(get(lv, "fall_rate") * get(lv, "episodes") for lv in lvs if get(lv, "episodes"))
+        low, high = ec.wilson_interval(falls, episodes)
+        walked = sum(get(lv, "walked_off") * get(lv, "episodes") for lv in lvs if get(lv, "episodes"))
+        errs = [get(lv, "lin_vel_error") for lv in lvs if math.isfinite(get(lv, "lin_vel_error"))]
+        steady = [get(lv, "lin_vel_error_steady") for lv in lvs if math.isfinite(get(lv, "lin_vel_error_steady"))]
+        nan = float("nan")
+        return (
+            f"v err {np.mean(errs) if errs else nan:.3f} m/s (steady {np.mean(steady) if steady else nan:.3f}) | "
+            f"falls {falls / episodes if episodes else nan:.3f} (95% CI {low:.3f}-{high:.3f}, {int(episodes)} "
+            f"episodes) | walked off the tile {walked / episodes if episodes else nan:.2f}"
+        )
+
+    if top_levels:
+        top = levels[-top_levels:]
+        for ty in types:
+            print(f"  eval {ty:>12}, levels {top[0]}-{top[-1]}: {pooled(ty, top)}", flush=True)
+        return
+    for ty in types:
+        for lv in levels:
+            print(f"  {ty:>12} level {lv:2d}: {pooled(ty, [lv])}", flush=True)
+
+
+def trained_levels(ckpt: dict) -> dict[str, float]:
+    """The mean curriculum level that a rough-terrain checkpoint's training robots had reached, over all its
+    processes' robots and by terrain type ("all" and each type); empty for a flat-terrain checkpoint."""
+    parts = [ckpt, *ckpt.get("other_processes", [])]
+    if any("terrain_level" not in p.get("env", {}) for p in parts) or ckpt["args"].get("terrain") != "rough":
+        return {}
+    level = torch.cat([p["env"]["terrain_level"].cpu() for p in parts]).float()
+    col = torch.cat([p["env"]["terrain_col"].cpu() for p in parts])
+    columns = ec.columns_by_proportion(TERRAIN_TYPES, TERRAIN_COLUMNS)
+    kind = [columns[c] for c in col.tolist()]
+    out = {"all": level.mean().item()}
+    for ty in TERRAIN_TYPES:
+        on = torch.tensor([k == ty for k in kind])
+        if on.any():
+            out[ty] = level[on].mean().item()
+    return out
 
 
 def sim_to_sim(agent, normalizer, env, device, args: Args) -> None:
@@ -1519,9 +1828,14 @@ def policy_contract(env: Go1Env, args: Args, with_source: bool = True) -> dict:
     contract = {
         "format": ec.CONTRACT_FORMAT,
         "script": SCRIPT,
-        "task": "follow a commanded trunk velocity (vx, vy in the trunk frame) and yaw rate on flat ground",
+        "task": "follow a commanded trunk velocity (vx, vy in the trunk frame) and yaw rate "
+        + (
+            "on rough terrain (slopes, stairs, obstacles), seen through a height scan"
+            if env.terrain
+            else "on flat ground"
+        ),
         "robot": {"model": f"assets/{ASSET}", "sha256": ec.file_sha256(ec.ASSETS / ASSET)},
-        **ec.contract_io(OBSERVATION, env.num_obs, nu, args.obs_clip),
+        **ec.contract_io(env.observation_table, env.num_obs, nu, args.obs_clip),
         "actions": {
             "joints": actuators["joints"],
             "actuators": actuators["actuators"],
@@ -1624,10 +1938,20 @@ def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
     """One environment under the deterministic policy, rendered on the host, with gauges of commanded (green) and
     actual (red) velocity; the velocities frame by frame go to a JSON file beside the mp4."""
     with ec.separate_rng(args.seed + 20_000, device):
-        env = Go1Env(1, device, Go1Config.from_args(args))
+        env = Go1Env(1, device, Go1Config.from_args(args), curriculum=False)
         obs, frames, log = env.reset(), [], []
-        with ec.Renderer(env.sim, camera="track") as renderer:
+        if env.terrain is not None:  # up a flight of stairs: a stairs_up tile halfway up the levels, walking ahead
+            env.terrain_level.fill_(env.num_levels // 2)
+            env.terrain_col.fill_(env.terrain.column_types.index("stairs_up"))
+            env.env_origin.copy_(env.tile_origins[env.terrain_level, env.terrain_col])
+            obs, forward = env.reset(), torch.tensor([[0.8 * args.lin_vel_x_range[1], 0.0, 0.0]], device=device)
+        # On rough terrain from higher up: the walls of a stairs pit would hide the robot from go1.xml's camera.
+        camera = "track" if env.terrain is None else ec.tracking_camera(env.trunk, 3.0, -40.0, 135.0)
+        with ec.Renderer(env.sim, camera=camera) as renderer:
             for _ in range(args.video_length):
+                if env.terrain is not None:  # held, like a joystick pushed forward (obs[:, 9:12]: the command)
+                    env.commands.copy_(forward)
+                    obs[:, 9:12] = forward
                 obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
                 command = env.commands[0].cpu().numpy()
                 actual = torch.cat([env.base_lin_vel[0, :2], env.root_ang_vel_b[0, 2:]]).cpu().numpy()

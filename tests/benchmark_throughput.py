@@ -33,6 +33,7 @@ training with the physics of the same randomized model. `--set domain_rand 0` me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
 import json
@@ -96,7 +97,10 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
         env.reset()
         everyone = torch.ones(num_envs, dtype=torch.bool, device=device)
         sim = env.sim
-        sim.reset(everyone, sim.default_qpos.expand(num_envs, -1), ctrl=sim.default_ctrl.expand(num_envs, -1))
+        home = sim.default_qpos.expand(num_envs, -1).clone()
+        if getattr(env, "terrain", None) is not None:  # rough terrain: each robot on its own tile
+            home[:, 0:3] += env.env_origin
+        sim.reset(everyone, home, ctrl=sim.default_ctrl.expand(num_envs, -1))
 
     # Physics only at the start: every robot at its home pose, its controls held (cheap: few contacts, a solver
     # that converges in an iteration or two).
@@ -444,13 +448,26 @@ def main():
     parser.add_argument(
         "--rollout-envs", type=int, default=1024, help="environments stepped by mujoco.rollout in the seed's table"
     )
+    parser.add_argument(
+        "--terrain",
+        choices=("flat", "rough"),
+        default=None,
+        help="locomotion: the script's --terrain (rough: the heightfield, height scan and curriculum)",
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     opts = parser.parse_args()
     for name in ("num_envs", "iterations", "physics_steps", "seed_steps", "rollout_envs"):
         values = getattr(opts, name)
         if any(v < 1 for v in (values if isinstance(values, list) else [values])):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    opts.script_args = [(k, float(v) if "." in v else int(v)) for k, v in opts.script_args]
+    try:
+        opts.script_args = [(k, float(v) if "." in v else int(v)) for k, v in opts.script_args]
+    except ValueError as e:
+        parser.error(f"--set takes a field and a number: {e}")
+    if opts.terrain is not None:
+        if opts.task != "locomotion":
+            parser.error("--terrain is the locomotion task's: use --task locomotion")
+        opts.script_args.append(("terrain", opts.terrain))
 
     if opts.solver:  # every model the script loads gets these solver options
         load_model = ec.load_model
@@ -466,6 +483,9 @@ def main():
     module_name, env_name, config_name = TASKS[opts.task]
     script = importlib.import_module(module_name)
     env_cls, config_cls = getattr(script, env_name), getattr(script, config_name)
+    unknown = [k for k, _ in opts.script_args if k not in {f.name for f in dataclasses.fields(script.Args)}]
+    if unknown:
+        parser.error(f"--set {unknown[0]}: not a field of {module_name}'s Args (see its --help, dashes as _)")
     try:
         device = ec.resolve_device(opts.device)
     except ec.UserError as e:

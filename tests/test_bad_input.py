@@ -76,6 +76,13 @@ LOCOMOTION_ONLY = [
     ("push-at-a-megametre-per-second", [*CPU, "--push-vel", "1e6"], {}, ["--push-vel", "at most 10 m/s"]),
     ("sim2sim-without-eval", [*CPU, "--sim2sim", "--checkpoint", "{ckpts}/good.pt"], {}, ["--sim2sim", "add --eval"]),
     ("viewer-without-eval", [*CPU, "--viewer"], {}, ["--viewer", "add --eval"]),
+    ("unknown-terrain", [*CPU, "--terrain", "mountains"], {}, ["--terrain 'mountains'", "flat, rough"]),
+    (
+        "no-terrain-levels",
+        [*CPU, "--terrain", "rough", "--terrain-levels", "0"],
+        {},
+        ["--terrain-levels", "at least 1"],
+    ),
     ("sim2sim-and-viewer", [*EVAL_GOOD, "--sim2sim", "--viewer"], {}, ["--sim2sim and --viewer", "one of them"]),
     ("viewer-and-video", [*EVAL_GOOD, "--viewer", "--capture-video"], {}, ["--capture-video", "--viewer"]),
     ("sim2sim-and-video", [*EVAL_GOOD, "--sim2sim", "--capture-video"], {}, ["--capture-video", "--sim2sim"]),
@@ -145,6 +152,8 @@ TASK_DOMAINS = {
         "solver": ["4", "0"],
         "push_interval_s": "-1",
         "push_vel": "-0.5",
+        "terrain": "mountains",
+        "terrain_levels": "0",
     },
     "reach": {
         "control_type": "velocity",

@@ -269,9 +269,10 @@ def test_the_onnx_file_alone_runs_the_policy(exported):
 
 
 def test_observation_table_docstring_and_function_agree():
-    """Go1Env's docstring shows the OBSERVATION table's slices and names, and observation() lays the terms out so."""
+    """Go1Env's docstring shows the observation table's slices and names (the rough terrain's height scan last), and
+    observation() lays the terms out so."""
     shown = re.findall(r"\[(\d+):(\d+)\]\s+(\w+)", loco.Go1Env.__doc__)
-    table = ec.observation_contract(loco.OBSERVATION, 12)
+    table = ec.observation_contract(loco.observation_table("rough"), 12)
     assert [(int(a), int(b), name) for a, b, name in shown] == [(*e["slice"], e["name"]) for e in table]
     qpos, qvel = torch.randn(2, 19), torch.randn(2, 18)
     qpos[:, 3:7] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # upright: trunk frame = world frame
