@@ -31,6 +31,7 @@ import random
 import secrets
 import signal
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -272,13 +273,390 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Terrain (legged_gym: terrain.py; Isaac Gym: add_triangle_mesh / add_heightfield)
+# ----------------------------------------------------------------------------------------------------------------
+# A terrain is a grid of square tiles: rows are difficulty levels (along x, level 0 the easiest), columns are terrain
+# types (along y), as in legged_gym's curriculum terrain (legged_gym/utils/terrain.py) and Isaac Lab's
+# TerrainGenerator. Each tile is a height map made by a tile function below; the tiles, with a flat border around
+# them, make one height map, which MuJoCo simulates as one heightfield geom (add_terrain) and which the policy's
+# height scan reads on the device (HeightMap). Tile functions share one convention: they return a float32 array of
+# shape `shape` = (nx, ny), heights in metres, sample [i, j] at x = i * hscale, y = j * hscale from the tile's corner;
+# the tile's centre is at (nx * hscale / 2, ny * hscale / 2) (sample [nx // 2, ny // 2], the spawn point), and its
+# far edges are where the next tile's first samples lie, so that a pattern that is 0 at a tile's edge is 0 on both
+# sides of every seam.
+def _check_tile(shape, hscale: float) -> tuple[int, int]:
+    nx, ny = (int(n) for n in shape)
+    if nx < 2 or ny < 2:
+        raise UserError(f"a terrain tile needs at least 2 x 2 samples, got shape {tuple(shape)}")
+    if not hscale > 0:
+        raise UserError(f"the terrain's horizontal scale must be positive, got {hscale} m")
+    return nx, ny
+
+
+def _edge_distance(shape, hscale: float) -> np.ndarray:
+    """(nx, ny) float64: each sample's distance (m) to the tile's nearest edge along x or y, whichever is nearer
+    (the pyramid distance of legged_gym's pyramid terrains)."""
+    nx, ny = shape
+    i, j = np.arange(nx), np.arange(ny)
+    dx = np.minimum(i, nx - i) * hscale  # integer sample counts first: exact on the sample grid
+    dy = np.minimum(j, ny - j) * hscale
+    return np.minimum(dx[:, None], dy[None, :])
+
+
+def _platform(shape, hscale: float, platform: float) -> np.ndarray:
+    """(nx, ny) bool: the samples in the central square of side `platform` m (centred on the tile's centre); none
+    when platform is 0."""
+    nx, ny = shape
+    if platform <= 0:
+        return np.zeros((nx, ny), dtype=bool)
+    half = platform / 2 + 1e-6 * hscale  # the square's edge samples belong to it despite rounding
+    inside_x = np.abs(np.arange(nx) - nx / 2) * hscale <= half
+    inside_y = np.abs(np.arange(ny) - ny / 2) * hscale <= half
+    return inside_x[:, None] & inside_y[None, :]
+
+
+def pyramid_slope(shape, hscale: float, slope: float, platform: float) -> np.ndarray:
+    """A four-sided pyramid: the height is `slope` times the distance to the tile's nearest edge (0 at the edge,
+    rise over run |slope|; slope > 0 rises toward the centre, slope < 0 sinks into a pit), flat on top over the
+    central square of side `platform` m (at least; the whole ring at the platform's distance from the edge).
+
+    shape: (nx, ny) samples; hscale: m between samples. Returns (nx, ny) float32, m. Raises UserError on a shape
+    under 2 x 2, hscale <= 0 or platform < 0. legged_gym's pyramid_sloped_terrain makes the same shape.
+    """
+    nx, ny = _check_tile(shape, hscale)
+    if platform < 0:
+        raise UserError(f"the platform's side must be >= 0, got {platform} m")
+    top = max(min(nx, ny) * hscale - platform, 0.0) / 2  # distance from the edge at which the platform starts
+    return (slope * np.minimum(_edge_distance((nx, ny), hscale), top)).astype(np.float32)
+
+
+def random_uniform(
+    shape, hscale: float, lo: float, hi: float, step: float, downsample: float, rng, platform: float = 0.0
+) -> np.ndarray:
+    """Rough ground: heights drawn uniformly from {lo, lo + step, ..., <= hi} at the nodes of a coarser grid of spacing
+    `downsample` m (node k at x = k * downsample), linearly interpolated between nodes along x and y (so the samples
+    on a node keep their drawn value and every sample lies in [lo, hi]). legged_gym's random_uniform_terrain has the
+    same idea (coarse draws, then interpolation).
+
+    rng: np.random.Generator. platform (optional, m): a central square of that side is set flat at height 0 (the
+    spawn point; 0 is outside [lo, hi] when 0 < lo or hi < 0). Returns (nx, ny) float32, m. Raises UserError on
+    hi < lo, step <= 0, downsample < hscale or platform < 0.
+    """
+    nx, ny = _check_tile(shape, hscale)
+    if hi < lo or not step > 0:
+        raise UserError(f"random terrain needs lo <= hi and step > 0, got lo={lo}, hi={hi}, step={step} m")
+    if downsample < hscale or platform < 0:
+        raise UserError(
+            f"random terrain needs downsample >= hscale ({hscale} m) and platform >= 0, got {downsample}, {platform} m"
+        )
+    levels = lo + step * np.arange(int(np.floor((hi - lo) / step + 1e-9)) + 1)
+    x, y = np.arange(nx) * hscale, np.arange(ny) * hscale
+    kx, ky = int(np.ceil(x[-1] / downsample - 1e-9)) + 1, int(np.ceil(y[-1] / downsample - 1e-9)) + 1
+    coarse = rng.choice(levels, size=(kx, ky))
+    nodes_x, nodes_y = np.arange(kx) * downsample, np.arange(ky) * downsample
+    along_x = np.stack([np.interp(x, nodes_x, coarse[:, c]) for c in range(ky)], axis=1)  # (nx, ky)
+    heights = np.stack([np.interp(y, nodes_y, along_x[r]) for r in range(nx)], axis=0)  # (nx, ny)
+    heights[_platform((nx, ny), hscale, platform)] = 0.0
+    return heights.astype(np.float32)
+
+
+def pyramid_stairs(shape, hscale: float, step_width: float, step_height: float, platform: float) -> np.ndarray:
+    """Stairs on four sides: square rings of width `step_width` m, the outermost at height 0 and each one further in
+    `step_height` m higher, up to the central square, at least `platform` m wide, which is the last step.
+    step_height > 0: the centre is the top (a robot spawned there walks down); < 0: the centre is a pit (it climbs
+    up). The rings follow legged_gym's pyramid_stairs_terrain (its first ring is also at 0).
+
+    Returns (nx, ny) float32, m. Raises UserError on step_width < hscale or platform < 0.
+    """
+    nx, ny = _check_tile(shape, hscale)
+    if step_width < hscale or platform < 0:
+        raise UserError(
+            f"stairs need step_width >= hscale ({hscale} m) and platform >= 0, got {step_width}, {platform} m"
+        )
+    rings = int(np.floor((min(nx, ny) * hscale - platform) / 2 / step_width + 1e-6))  # full rings outside the top
+    ring = np.minimum(np.floor(_edge_distance((nx, ny), hscale) / step_width + 1e-6), max(rings, 0))
+    return (step_height * ring).astype(np.float32)
+
+
+def discrete_obstacles(
+    shape,
+    hscale: float,
+    max_height: float,
+    min_size: float,
+    max_size: float,
+    count: int,
+    platform: float,
+    rng,
+) -> np.ndarray:
+    """Flat ground (0) with `count` axis-aligned rectangular blocks: each side uniform in [min_size, max_size] m (in
+    whole samples), each corner uniform over the tile (blocks may overlap the tile's far edges, clipped; a later
+    block overwrites an earlier one), each height drawn from {-max_height, -max_height/2, +max_height/2,
+    +max_height} (legged_gym's discrete_obstacles_terrain's set: holes and boxes). The central square of side
+    `platform` m is flat at 0.
+
+    rng: np.random.Generator. Returns (nx, ny) float32, m. Raises UserError on min_size < hscale,
+    max_size < min_size, count < 0 or platform < 0.
+    """
+    nx, ny = _check_tile(shape, hscale)
+    if min_size < hscale or max_size < min_size or count < 0 or platform < 0:
+        raise UserError(
+            "obstacles need hscale <= min_size <= max_size, count >= 0 and platform >= 0, got "
+            f"min_size={min_size}, max_size={max_size}, count={count}, platform={platform}"
+        )
+    heights = np.zeros((nx, ny))
+    choices = np.array([-1.0, -0.5, 0.5, 1.0]) * max_height
+    lo, hi = int(round(min_size / hscale)), int(round(max_size / hscale))
+    for _ in range(int(count)):
+        w, h = rng.integers(lo, hi + 1, size=2)
+        i, j = rng.integers(0, nx), rng.integers(0, ny)
+        heights[i : i + w, j : j + h] = rng.choice(choices)
+    heights[_platform((nx, ny), hscale, platform)] = 0.0
+    return heights.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TerrainMap:
+    """A terrain: tiles of num_levels rows (along x; row = difficulty level, 0 the easiest) by num_cols columns (along
+    y; one terrain type each), inside a flat border at height 0, as one height map.
+
+    heights: (nx, ny) float32, m: heights[i, j] is the surface height at world (origin[0] + i * horizontal_scale,
+      origin[1] + j * horizontal_scale); the surface between samples is MuJoCo's triangulated heightfield (HeightMap).
+    horizontal_scale: m between samples, along x and y.
+    origin: world (x, y), m, of sample [0, 0]: (-border, -border), so that the tiles start at world (0, 0) and tile
+      (level l, col c) covers x in [l * tile_size[0], (l + 1) * tile_size[0]], y in [c * tile_size[1], ...]
+      (legged_gym's placement: its terrain also starts at -border).
+    tile_size: (length along x, width along y), m.
+    border: m of flat ground (height 0) around the tiles.
+    tile_origins: (num_levels, num_cols, 3) float32: world (x, y) of each tile's centre sample (the spawn point) and
+      z = heights at that sample (exact: it is a sample). legged_gym's env_origins / terrain_origins.
+    column_types: the terrain type name of each column.
+    """
+
+    heights: np.ndarray
+    horizontal_scale: float
+    origin: tuple[float, float]
+    tile_size: tuple[float, float]
+    border: float
+    tile_origins: np.ndarray
+    column_types: tuple[str, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.tile_origins.shape[0])
+
+    @property
+    def num_cols(self) -> int:
+        return int(self.tile_origins.shape[1])
+
+
+def columns_by_proportion(proportions: dict[str, float], num_cols: int) -> tuple[str, ...]:
+    """The terrain type of each of num_cols columns: each type with p > 0 gets round(p / sum(p) * num_cols) columns,
+    at least one, the total fixed by largest remainders (Hamilton's method), in the dict's order (legged_gym's
+    terrain_proportions, which it maps to columns through cumulative sums). Returns a tuple of num_cols names.
+    Raises UserError on a negative proportion, proportions that sum to 0, or fewer columns than types with p > 0."""
+    if any(p < 0 for p in proportions.values()):
+        raise UserError(f"terrain proportions must be >= 0, got {proportions}")
+    used = {name: float(p) for name, p in proportions.items() if p > 0}
+    if not used:
+        raise UserError(f"terrain proportions must not all be 0, got {proportions}")
+    if num_cols < len(used):
+        raise UserError(
+            f"{len(used)} terrain types with proportion > 0 need at least {len(used)} columns, got {num_cols}"
+        )
+    total = sum(used.values())
+    exact = {name: p / total * num_cols for name, p in used.items()}
+    counts = {name: max(1, int(np.floor(x))) for name, x in exact.items()}
+    while sum(counts.values()) < num_cols:  # the largest remainders first (the first in the dict on ties)
+        counts[max(used, key=lambda n: exact[n] - counts[n])] += 1
+    while sum(counts.values()) > num_cols:  # the "at least one" rule took columns: give back the most over-served
+        counts[max((n for n in used if counts[n] > 1), key=lambda n: counts[n] - exact[n])] -= 1
+    return tuple(name for name in used for _ in range(counts[name]))
+
+
+def generate_terrain(
+    tile_fn,
+    columns,
+    num_levels: int,
+    tile_size: tuple[float, float] = (8.0, 8.0),
+    horizontal_scale: float = 0.1,
+    border: float = 25.0,
+    seed: int = 0,
+) -> TerrainMap:
+    """Lay out num_levels x len(columns) tiles and a flat border into one TerrainMap (legged_gym: Terrain.curiculum).
+
+    tile_fn(type_name, difficulty, shape, hscale, rng) -> (nx, ny) array of heights (m) for one tile: type_name from
+    `columns`, difficulty = level / (num_levels - 1) in [0, 1] (0 with one level: the top level is 1.0), shape =
+    (nx, ny) = tile_size / horizontal_scale samples, rng = np.random.default_rng([seed, level, col]) (each tile
+    drawn on its own: a tile does not depend on the others, and the same seed makes the same map).
+    tile_size: (along x, along y), m, each a whole number of samples. border: m of flat ground (0) around the tiles
+    (legged_gym's border_size is 25 m: room for a robot that walks off the tiles, since MuJoCo's heightfield ends
+    there and nothing holds a robot beyond it).
+
+    Raises UserError on num_levels < 1, no columns, horizontal_scale <= 0, a tile size that is not a whole number
+    (>= 2) of samples, border < 0 or seed < 0; ValueError when tile_fn returns the wrong shape or non-finite heights.
+    """
+    columns = tuple(columns)
+    if int(num_levels) < 1 or not columns:
+        raise UserError(
+            f"a terrain needs at least 1 level and 1 column, got {num_levels} levels, {len(columns)} columns"
+        )
+    if not horizontal_scale > 0 or border < 0 or seed < 0:
+        raise UserError(
+            "the terrain needs horizontal_scale > 0, border >= 0 and seed >= 0, got "
+            f"{horizontal_scale} m, {border} m, {seed}"
+        )
+    h = float(horizontal_scale)
+    n_tile = [int(round(s / h)) for s in tile_size]
+    nb = int(round(border / h))
+    if (
+        any(n < 2 or abs(n * h - s) > 1e-6 * max(s, 1.0) for n, s in zip(n_tile, tile_size))
+        or abs(nb * h - border) > 1e-6
+    ):
+        raise UserError(
+            f"tile_size {tuple(tile_size)} m and border {border} m must be whole numbers (>= 2 for tiles) of "
+            f"horizontal_scale {h} m"
+        )
+    nx, ny = n_tile
+    levels, cols = int(num_levels), len(columns)
+    # One extra sample line at the far ends: the surface reaches border m past the last tile there too.
+    heights = np.zeros((levels * nx + 2 * nb + 1, cols * ny + 2 * nb + 1), dtype=np.float32)
+    tile_origins = np.zeros((levels, cols, 3), dtype=np.float32)
+    for level in range(levels):
+        difficulty = level / (levels - 1) if levels > 1 else 0.0
+        for col, name in enumerate(columns):
+            tile = np.asarray(tile_fn(name, difficulty, (nx, ny), h, np.random.default_rng([seed, level, col])))
+            if tile.shape != (nx, ny) or not np.isfinite(tile).all():
+                raise ValueError(
+                    f"tile_fn({name!r}, {difficulty}) returned shape {tile.shape} (or non-finite heights); "
+                    f"expected finite heights of shape {(nx, ny)}"
+                )
+            i0, j0 = nb + level * nx, nb + col * ny
+            heights[i0 : i0 + nx, j0 : j0 + ny] = tile
+            ci, cj = i0 + nx // 2, j0 + ny // 2
+            tile_origins[level, col] = ((ci - nb) * h, (cj - nb) * h, heights[ci, cj])
+    return TerrainMap(
+        heights=heights,
+        horizontal_scale=h,
+        origin=(-nb * h, -nb * h),
+        tile_size=(nx * h, ny * h),
+        border=nb * h,
+        tile_origins=tile_origins,
+        column_types=columns,
+    )
+
+
+def add_terrain(mjm_or_path, terrain: TerrainMap, floor: str = "floor") -> mujoco.MjModel:
+    """The model with its plane geom `floor` turned into a heightfield geom of `terrain` (Isaac Gym: add_heightfield).
+
+    mjm_or_path: an MJCF path (a bare name is looked up in assets/, as in load_model), an mujoco.MjSpec (left
+    unchanged), or an MjModel compiled from XML: the latter is turned back into MJCF by MuJoCo's mj_saveLastXML,
+    which copies the model's present values into the last XML MuJoCo loaded, so it must be that model (MuJoCo
+    raises otherwise); its meshes, if any, are looked up relative to the working directory.
+    The geom keeps its name, `floor`, and every other attribute (friction, material, contype/conaffinity, condim,
+    priority, solref, ...): only its type, position and heightfield change. The heightfield asset is named
+    "terrain".
+
+    MuJoCo's heightfield conventions (mjCHField::Compile, engine_ray.c mj_rayHfield): the data has nrow rows along
+    y and ncol columns along x (row-major), so it is heights.T; the compiler rescales the data to [0, 1] and the
+    surface is at pos_z + data * size[2], x from pos_x - size[0] (column 0) to pos_x + size[0] (column ncol - 1).
+    So size = ((nx - 1) h / 2, (ny - 1) h / 2, max - min (1 m when flat), 1 m of base below the lowest point) and
+    pos = (origin + size[:2], min): at every sample the surface is at terrain.heights (to float32 rounding of the
+    rescaled data). Each cell is two triangles split along the diagonal from sample [i, j] to [i + 1, j + 1].
+
+    Raises UserError when the file is missing, the model has no geom named `floor`, or it is not a plane.
+    """
+    if isinstance(mjm_or_path, mujoco.MjSpec):
+        spec = mjm_or_path.copy()
+    elif isinstance(mjm_or_path, mujoco.MjModel):
+        with tempfile.TemporaryDirectory() as tmp:
+            xml = Path(tmp) / "model.xml"
+            mujoco.mj_saveLastXML(str(xml), mjm_or_path)
+            spec = mujoco.MjSpec.from_string(xml.read_text())
+    else:
+        path = Path(mjm_or_path)
+        if not path.is_absolute() and not path.exists():
+            path = ASSETS / path
+        if not path.is_file():
+            raise UserError(f"asset file not found: {path}")
+        spec = mujoco.MjSpec.from_file(str(path))
+    geom = spec.geom(floor)
+    if geom is None or geom.type != mujoco.mjtGeom.mjGEOM_PLANE:
+        raise UserError(f"the model has no plane geom named {floor!r} to turn into the terrain")
+    heights = terrain.heights
+    lo, hi = float(heights.min()), float(heights.max())
+    nx, ny = heights.shape
+    h = terrain.horizontal_scale
+    size = ((nx - 1) * h / 2, (ny - 1) * h / 2, hi - lo if hi - lo > 1e-6 else 1.0, 1.0)
+    spec.add_hfield(
+        name="terrain", size=list(size), nrow=ny, ncol=nx, userdata=heights.T.astype(np.float32).ravel().tolist()
+    )
+    geom.type = mujoco.mjtGeom.mjGEOM_HFIELD
+    geom.hfieldname = "terrain"
+    geom.pos = [terrain.origin[0] + size[0], terrain.origin[1] + size[1], lo]
+    geom.quat = [1.0, 0.0, 0.0, 0.0]
+    return spec.compile()
+
+
+class HeightMap:
+    """The terrain's surface height under world points, on the device: legged_gym's _get_heights (measured_heights)
+    without its host-side lookups. Pure torch with fixed shapes and no host sync, so it may run inside a recorded
+    CUDA graph.
+
+    __call__(xy): xy (..., 2) float, world metres -> (...) float32, the height (m) of MuJoCo's heightfield surface
+    there, i.e. what mujoco.mj_ray straight down hits on add_terrain's model: each cell is split along the diagonal
+    from sample [i, j] to [i + 1, j + 1] (MuJoCo's engine_ray.c mj_rayHfield and engine_collision_convex.c
+    mjc_ConvexHField use those two triangles), and the height is linear on each triangle, not bilinear.
+    Points outside the map get the height at the nearest edge of the map (the border is flat there anyway; MuJoCo
+    has no ground beyond it).
+    """
+
+    def __init__(self, terrain: TerrainMap, device):
+        self.device = torch.device(device)
+        self.heights = torch.as_tensor(terrain.heights, dtype=torch.float32, device=self.device)
+        self.nx, self.ny = terrain.heights.shape
+        self.scale = float(terrain.horizontal_scale)
+        self.origin = torch.tensor(terrain.origin, dtype=torch.float32, device=self.device)
+
+    def __call__(self, xy: torch.Tensor) -> torch.Tensor:
+        grid = (xy.to(torch.float32) - self.origin) / self.scale  # (..., 2) in samples
+        u = grid[..., 0].clamp(0.0, self.nx - 1)
+        v = grid[..., 1].clamp(0.0, self.ny - 1)
+        i = u.floor().clamp(max=self.nx - 2)  # the cell's first sample; the far edge belongs to the last cell
+        j = v.floor().clamp(max=self.ny - 2)
+        fu, fv = u - i, v - j  # position inside the cell, each in [0, 1]
+        flat = self.heights.view(-1)
+        k = i.long() * self.ny + j.long()
+        h00, h10, h01, h11 = flat[k], flat[k + self.ny], flat[k + 1], flat[k + self.ny + 1]
+        # Triangle (i, j), (i+1, j), (i+1, j+1) where fu >= fv; (i, j), (i+1, j+1), (i, j+1) where fv > fu.
+        lower = h00 + fu * (h10 - h00) + fv * (h11 - h10)
+        upper = h00 + fv * (h01 - h00) + fu * (h11 - h01)
+        return torch.where(fu >= fv, lower, upper)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Buffer sizing: MuJoCo Warp preallocates contacts and constraint rows. Size them from the model so that they
 # cannot overflow, and flag an overflow per world if it happens anyway (never drop contacts silently).
 # ----------------------------------------------------------------------------------------------------------------
 def _pair_max_contacts() -> dict:
-    """Most contacts MuJoCo's collision functions make for one pair of primitives (mjMAXCONPAIR is 50 at worst)."""
+    """Most contacts MuJoCo Warp's collision functions make for one pair of geom types (a pair not listed: 8).
+
+    A heightfield pair makes at most 4, whatever the other geom: MuJoCo Warp's ccd_hfield_kernel
+    (mujoco_warp/_src/collision_convex.py, 4.0.0) collects up to mjMAXCONPAIR (50) touching prisms, then writes
+    the deepest contact and up to three spread around it (its "contact 0" to "contact 3"); more than 50 touching
+    prisms set the HFIELD overflow bit. (MuJoCo's C engine keeps all of them, up to 50.)"""
     _G = mujoco.mjtGeom
-    return {
+    others = (
+        _G.mjGEOM_SPHERE,
+        _G.mjGEOM_CAPSULE,
+        _G.mjGEOM_ELLIPSOID,
+        _G.mjGEOM_CYLINDER,
+        _G.mjGEOM_BOX,
+        _G.mjGEOM_MESH,
+    )
+    hfield = {frozenset([_G.mjGEOM_HFIELD, g]): 4 for g in others}
+    return hfield | {
+        frozenset([_G.mjGEOM_SPHERE, _G.mjGEOM_BOX]): 1,
+        frozenset([_G.mjGEOM_CAPSULE, _G.mjGEOM_BOX]): 2,
         frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_SPHERE]): 1,
         frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_CAPSULE]): 2,
         frozenset([_G.mjGEOM_PLANE, _G.mjGEOM_BOX]): 4,
@@ -293,9 +671,9 @@ def _pair_max_contacts() -> dict:
 
 def overflow_bits() -> int:
     """MuJoCo Warp's overflow bits that mean lost contacts or constraints (its solver's iteration-limit bits are
-    not overflows)."""
+    not overflows). HFIELD: a geom touched more than 50 heightfield prisms, and the rest went unexamined."""
     o = mjw.OverflowType
-    return int(o.NEFC | o.NJMAX_NNZ | o.BROADPHASE | o.NARROWPHASE | o.CCD | o.NVMAX)
+    return int(o.NEFC | o.NJMAX_NNZ | o.BROADPHASE | o.NARROWPHASE | o.CCD | o.HFIELD | o.NVMAX)
 
 
 def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
