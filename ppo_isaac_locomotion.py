@@ -313,6 +313,14 @@ TERRAIN_HSCALE = 0.1  # m between the heightfield's samples (legged_gym's and Is
 TERRAIN_BORDER = 25.0  # m of flat ground around the grid, for robots that walk off its edge (legged_gym's)
 MAX_INIT_LEVEL = 5  # robots start at a level drawn in 0..5 (legged_gym's max_init_terrain_level)
 SPAWN_SPREAD = 1.0  # m: robots start within +-1 m of their tile's centre along x and y (on the platform)
+# The trunk starts this high above its tile's platform: no foot inside the terrain whatever joint angles a reset
+# draws (thigh 0.213 + calf 0.213 + foot radius 0.02 m; legged_gym's A1 starts at 0.42 m). On a plane a foot pushed
+# in is pushed back out; inside a heightfield's prism, MuJoCo Warp 4.0 can push it sideways (README: Rough terrain).
+SPAWN_HEIGHT = 0.45  # m
+# A world whose joint or trunk speed exceeds this is reset as blown up (counted, no reward, no bootstrap): no Go1
+# motion comes near it (its joints top out near 30 rad/s), and MuJoCo Warp 4.0's heightfield contacts can kick a
+# robot to hundreds (README: Rough terrain).
+BLOWN_UP_SPEED = 100.0  # m/s and rad/s
 TILE_STATS = ("steps", "lin_err", "ss_steps", "lin_err_ss", "episodes", "falls", "walked_off")  # sums per tile
 
 
@@ -643,8 +651,9 @@ class Go1Env:
         if self.cfg.domain_rand:
             self._randomize_model(mask, draws)  # s.reset() below refreshes the constants MuJoCo derives from it
         qpos = s.default_qpos.expand(n, -1).clone()
-        if self.terrain is not None:  # on the tile's platform, the trunk as high above it as go1.xml's home pose
+        if self.terrain is not None:  # on the tile's platform, the feet above it
             qpos[:, 0:3] += self.env_origin
+            qpos[:, 2] += SPAWN_HEIGHT - s.default_qpos[2]
             qpos[:, 0:2] += self._rand(n, 2, lo=-SPAWN_SPREAD, hi=SPAWN_SPREAD)
         qpos[:, 3:7] = ec.quat_from_yaw(self._rand(n, lo=-math.pi, hi=math.pi))  # any heading
         qpos[:, 7:] = self._rand(
@@ -790,6 +799,8 @@ class Go1Env:
         # A world that blew up (NaN or infinity) or overflowed its contact buffers is reset below; its last step
         # counts for nothing: reward 0, no bootstrap, no statistics.
         nonfinite, overflowed = self.sim.nonfinite(), self.sim.overflowed()
+        if self.terrain is not None:  # kicked by a heightfield contact (BLOWN_UP_SPEED)
+            nonfinite = nonfinite | (self.sim.qvel.abs() > BLOWN_UP_SPEED).any(dim=1)
         self.broken.copy_(nonfinite | overflowed)
 
         # Contacts (Isaac Gym: the net contact force tensor) and terminations.
@@ -1257,6 +1268,13 @@ BYTES_PER_ENV_STEP = 12 * 1024
 def main(args: Args) -> None:
     check_args(args)
     dist = ec.distributed()  # one process of a torchrun launch (its RANK, WORLD_SIZE, LOCAL_RANK), or the only one
+    if args.terrain == "rough" and dist.is_main and not args.export:
+        print(
+            "note: --terrain rough is experimental: MuJoCo Warp 4.0's heightfield contacts are unreliable (some come "
+            "out metres deep with sideways normals, where MuJoCo's C engine finds none: mujoco_warp issues #831 and "
+            "#1083), so robots get kicked and training can diverge; README: Rough terrain",
+            flush=True,
+        )
     device = dist.choose_device(args.device)
     if device.type == "cpu" and not (args.eval or args.export) and None in (args.num_envs, args.num_iterations):
         print(

@@ -93,16 +93,25 @@ def test_curriculum_moves_robots_by_how_far_they_walked():
 
 
 def test_robots_spawn_on_their_tiles_platform_above_the_surface():
-    """After a reset each trunk stands go1.xml's home height above its tile's centre, within the flat platform, so
-    that its feet start where they start on flat ground (on the surface, not inside it)."""
+    """After a reset each trunk is SPAWN_HEIGHT above its tile's centre, within the flat platform, its feet above the
+    surface whatever the joint angles drawn (checked with MuJoCo's forward kinematics)."""
     env = rough_env(40)
     env.reset()
     pos, origin = env.root_pos, env.env_origin
     assert (pos[:, :2] - origin[:, :2]).abs().max() <= loco.SPAWN_SPREAD + 1e-5
-    torch.testing.assert_close(pos[:, 2] - origin[:, 2], torch.full((40,), 0.331), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pos[:, 2] - origin[:, 2], torch.full((40,), loco.SPAWN_HEIGHT), atol=1e-5, rtol=0)
     # The terrain under the robot's whole footprint is the platform, at the tile origin's height.
     corners = pos[:, None, :2] + torch.tensor([[0.3, 0.2], [0.3, -0.2], [-0.3, 0.2], [-0.3, -0.2]])
     torch.testing.assert_close(env.height_map(corners), origin[:, None, 2].expand(-1, 4), atol=1e-5, rtol=0)
+    # Every foot above the surface under it.
+    mjm = env.sim.mjm
+    data = mujoco.MjData(mjm)
+    feet = [mjm.body(f).id for f in loco.FEET]
+    for i in range(40):
+        data.qpos[:] = env.sim.qpos[i].numpy()
+        mujoco.mj_kinematics(mjm, data)
+        xy = torch.tensor(data.xpos[feet, :2], dtype=torch.float32)
+        assert (torch.tensor(data.xpos[feet, 2]) - 0.02 >= env.height_map(xy).double() - 1e-6).all()
     # The curriculum's start: levels 0 to MAX_INIT_LEVEL (here the top), the columns shared out evenly.
     assert env.terrain_level.min() >= 0 and env.terrain_level.max() <= min(loco.MAX_INIT_LEVEL, LEVELS - 1)
     assert torch.bincount(env.terrain_col, minlength=loco.TERRAIN_COLUMNS).tolist() == [2] * loco.TERRAIN_COLUMNS
@@ -165,3 +174,29 @@ def test_rough_eval_prints_the_per_level_table(rough_run, rendering_problem):
     assert 0 <= metrics["curriculum_level_reached"]["all"] <= 1
     if video:
         assert (run_dir / "eval_video.mp4").stat().st_size > 1000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MuJoCo Warp 4.0's heightfield collisions make contacts metres deep with sideways normals where MuJoCo's C "
+    "engine finds none (mujoco_warp #831, #1083; README: Rough terrain). When this passes, the fix has landed: drop "
+    "the xfail and the start-up note of --terrain rough.",
+)
+def test_mujoco_warp_heightfield_contacts_kick_no_harder_than_mujoco_c():
+    """The same 64 Go1s dropped on the rough terrain (every type, levels 0 to 9) and driven by the same random joint
+    targets for 20 policy steps (no resets), in MuJoCo Warp and in MuJoCo's C engine: the fastest joint or trunk
+    velocity stays within twice MuJoCo C's (measured on the CPU, mujoco-warp 4.0.0: 108.6 against 35.5 rad/s)."""
+    fastest = {}
+    for name, sim in (("warp", None), ("c", ec.CEngineSim)):
+        torch.manual_seed(0)
+        args = loco.Args(terrain="rough", terrain_levels=10, domain_rand=False, obs_noise=False, push_interval_s=0)
+        env = loco.Go1Env(64, torch.device("cpu"), loco.Go1Config.from_args(args), sim=sim)
+        env.reset()
+        generator = torch.Generator().manual_seed(1)
+        top = 0.0
+        for _ in range(20):
+            env.sim.ctrl.copy_(env.default_dof_pos + 0.25 * torch.randn(64, 12, generator=generator))
+            env.sim.step()
+            top = max(top, float(env.sim.qvel.abs().max()))
+        fastest[name] = top
+    assert fastest["warp"] <= 2 * fastest["c"], fastest
