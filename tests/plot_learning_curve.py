@@ -68,8 +68,8 @@ def run_title(run_dir: Path, hyperparameters: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Read the run's events and write the plot."""
     parser = argparse.ArgumentParser(
-        description="Plot a locomotion run's tracking error and falls against "
-        "wall-clock seconds (resumed runs stitched into one curve)."
+        description="Plot a locomotion run's tracking error and falls (and, on rough terrain, the curriculum's mean "
+        "level) against wall-clock seconds (resumed runs stitched into one curve)."
     )
     parser.add_argument("run", type=Path, help="the run folder, runs/<run>")
     parser.add_argument("out", type=Path, help="the image to write, e.g. assets/locomotion_curve.png")
@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     eval_wall = shift_like(s.get("eval/wall_time", {}), s["perf/wall_time"], wall)
     ev = sorted(set(eval_wall) & set(s.get("eval/lin_vel_error", {})))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rough = "curriculum/mean_level" in s  # --terrain rough: the curriculum's mean level in a second panel
+    if rough:
+        fig, (ax, level_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(
         [wall[k] for k in steps],
         [s["metrics/lin_vel_error"][k] for k in steps],
@@ -133,6 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         falls.set_ylim(0, 10)
         lines += falls.get_legend_handles_labels()[0]
     ax.legend(lines, [h.get_label() for h in lines])
+    if rough:
+        level_steps = sorted(set(wall) & set(s["curriculum/mean_level"]))
+        level_ax.plot([wall[k] for k in level_steps], [s["curriculum/mean_level"][k] for k in level_steps], lw=1.2)
+        top = max(int(k.rsplit("/", 1)[1]) for k in s if k.startswith("curriculum/level_fraction/"))
+        level_ax.axhline(0.6 * top, color="gray", ls="--", lw=1, label=f"bar: 60% of the top level ({top})")
+        level_ax.set_ylim(0, top)
+        level_ax.set_ylabel("curriculum: mean level")
+        level_ax.set_xlabel(ax.get_xlabel())
+        level_ax.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=110, metadata={"Title": title})  # in a PNG's text too, where tests can read it
     print(f"wrote {args.out}: {title}, {len(steps)} iterations, {len(ev)} evaluations")
