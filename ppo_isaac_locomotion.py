@@ -935,6 +935,8 @@ class Go1Env:
                 "fall_rate_ci95_high": high,
                 "episodes": total["episodes"],
                 "walked_off": total["walked_off"] / total["episodes"] if total["episodes"] else nan,
+                "steps": total["steps"],
+                "steady_steps": total["ss_steps"],
             }
 
         out = {}
@@ -1713,19 +1715,22 @@ def print_terrain_summary(metrics: dict[str, float], suffix: str, top_levels: in
     types = sorted({k.split("/")[1] for k in metrics if k.startswith("tile/")}, key=list(TERRAIN_TYPES).index)
     levels = sorted({int(k.split("/")[2]) for k in metrics if k.startswith("tile/")})
 
-    def pooled(ty, lvs):  # episode-weighted over levels
-        get = lambda lv, m: metrics[f"tile/{ty}/{lv}/{m}{suffix}"]  # noqa: E731
-        episodes = sum(get(lv, "episodes") for lv in lvs)
-        falls = sum(get(lv, "fall_rate") * get(lv, "episodes") for lv in lvs if get(lv, "episodes"))
-        low, high = ec.wilson_interval(falls, episodes)
-        walked = sum(get(lv, "walked_off") * get(lv, "episodes") for lv in lvs if get(lv, "episodes"))
-        errs = [get(lv, "lin_vel_error") for lv in lvs if math.isfinite(get(lv, "lin_vel_error"))]
-        steady = [get(lv, "lin_vel_error_steady") for lv in lvs if math.isfinite(get(lv, "lin_vel_error_steady"))]
-        nan = float("nan")
+    def pooled(ty, lvs):  # the levels' figures pooled: each mean weighted by what it averages over
+        def mean(name, weight):
+            pairs = [
+                (metrics[f"tile/{ty}/{lv}/{name}{suffix}"], metrics[f"tile/{ty}/{lv}/{weight}{suffix}"]) for lv in lvs
+            ]
+            total = sum(w for _, w in pairs)
+            return sum(x * w for x, w in pairs if w) / total if total else float("nan")
+
+        episodes = sum(metrics[f"tile/{ty}/{lv}/episodes{suffix}"] for lv in lvs)
+        falls = mean("fall_rate", "episodes")
+        low, high = ec.wilson_interval(falls * episodes if episodes else 0.0, episodes)
         return (
-            f"v err {np.mean(errs) if errs else nan:.3f} m/s (steady {np.mean(steady) if steady else nan:.3f}) | "
-            f"falls {falls / episodes if episodes else nan:.3f} (95% CI {low:.3f}-{high:.3f}, {int(episodes)} "
-            f"episodes) | walked off the tile {walked / episodes if episodes else nan:.2f}"
+            f"v err {mean('lin_vel_error', 'steps'):.3f} m/s "
+            f"(steady {mean('lin_vel_error_steady', 'steady_steps'):.3f})"
+            f" | falls {falls:.3f} (95% CI {low:.3f}-{high:.3f}, {int(episodes)} episodes) | walked off the tile "
+            f"{mean('walked_off', 'episodes'):.2f}"
         )
 
     if top_levels:
