@@ -304,7 +304,7 @@ TERRAIN_TYPES = {  # type: the share of the columns
     "rough_slope": 0.1,  # the same with +-5 cm of bumps on top
     "stairs_up": 0.35,  # 31 cm deep steps of 5 to 23 cm: the robot starts in a pit and climbs out
     "stairs_down": 0.25,  # the same, the robot starts on top and climbs down
-    "obstacles": 0.2,  # 20 boxes 1 to 2 m wide, 5 to 25 cm high or deep, around the platform
+    "obstacles": 0.2,  # 20 blocks 1 to 2 m wide, 2.5 to 25 cm high or deep, around the platform
 }
 TERRAIN_COLUMNS = 20
 TILE_SIZE = 8.0  # m
