@@ -1820,7 +1820,13 @@ def sim_to_sim(agent, normalizer, env, device, args: Args) -> None:
         c_args = dataclasses.replace(args, solver=None)
         c = evaluate(None, None, device, c_args, args.num_envs, sim=ec.CEngineSim, policy=policy)
         t2 = time.perf_counter()
-    columns = {"MuJoCo Warp": warp, "MuJoCo C (ONNX)": c}
+    # On rough terrain the table shows each type's figures (of the types that had robots); every tile's are in the JSON.
+    shown = [
+        k
+        for k in warp
+        if not k.startswith("tile/") and not (k.startswith("terrain/") and math.isnan(warp[k]) and math.isnan(c[k]))
+    ]
+    columns = {"MuJoCo Warp": {k: warp[k] for k in shown}, "MuJoCo C (ONNX)": {k: c[k] for k in shown}}
     ec.print_metrics_side_by_side("sim-to-sim (deterministic policy, same commands)", columns, EVAL_UNITS)
     print(f"wall time: MuJoCo Warp {t1 - t0:.1f} s, MuJoCo C {t2 - t1:.1f} s")
     out, opt = ec.run_dir_of(args.checkpoint) / "sim2sim.json", ec.load_model(ASSET).opt  # MuJoCo C's solver
