@@ -764,11 +764,13 @@ class Go1Env:
             self.heights.copy_(measured_heights(self.root_pos, self.root_quat, self.scan, self.height_map))
 
     def _update_terrain_curriculum(self, mask: torch.Tensor) -> None:
-        """legged_gym's terrain curriculum, for the environments in `mask` whose episode ended: a robot that walked
-        farther than half a tile from its start moves a level up, one that covered less than half the distance its
-        command asked for over a whole episode moves a level down (never below 0), and one that walks off the top
-        level goes to a random level, so that the top does not fill up and the lower levels stay practised. A level
-        change moves the robot to the tile of the new level in its column; the next reset starts it there."""
+        """legged_gym's terrain curriculum, for the environments in `mask` whose episode ended. The distance is the
+        trunk's from its tile's centre (env_origin; it started within SPAWN_SPREAD of it along x and y): beyond half a
+        tile, a level up; under half of what the current command asks for over a whole episode_length_s, a level
+        down (never below 0), so that a fall or a short first (desynchronized) episode counts as a failure, as in
+        legged_gym; up from the top level, a random level, so that the top does not fill up and the lower levels stay
+        practised. A level change moves the robot to the tile of the new level in its column; the next reset starts
+        it there."""
         if self.terrain is None or not self.curriculum:  # Python values of the configuration: no device sync
             return
         walked = (self.root_pos[:, :2] - self.env_origin[:, :2]).norm(dim=1)
