@@ -485,7 +485,7 @@ def generate_terrain(
     """Lay out num_levels x len(columns) tiles and a flat border into one TerrainMap (legged_gym: Terrain.curiculum).
 
     tile_fn(type_name, difficulty, shape, hscale, rng) -> (nx, ny) array of heights (m) for one tile: type_name from
-    `columns`, difficulty = level / (num_levels - 1) in [0, 1] (0 with one level: the top level is 1.0), shape =
+    `columns`, difficulty = level / (num_levels - 1) in [0, 1] (the top level's is 1.0; with one level, 0), shape =
     (nx, ny) = tile_size / horizontal_scale samples, rng = np.random.default_rng([seed, level, col]) (each tile
     drawn on its own: a tile does not depend on the others, and the same seed makes the same map).
     tile_size: (along x, along y), m, each a whole number of samples. border: m of flat ground (0) around the tiles

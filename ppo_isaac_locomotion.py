@@ -136,7 +136,8 @@ class Args:
     solver: tuple[int, int] | None = None
     """Newton and line-search iterations per physics step instead of go1.xml's 4 and 8 (faster, less accurate)"""
     terrain: str = "flat"
-    """'flat' (a plane) or 'rough': TERRAIN_TYPES on a grid of levels, a terrain curriculum and a height scan"""
+    """'flat' (a plane) or 'rough': slopes, stairs and obstacles on a grid of levels, a terrain curriculum and a
+    height scan"""
     terrain_levels: int = 10
     """with --terrain rough: rows of growing difficulty, 0 (nearly flat) to terrain_levels - 1 (the hardest)"""
 
@@ -763,11 +764,13 @@ class Go1Env:
             self.heights.copy_(measured_heights(self.root_pos, self.root_quat, self.scan, self.height_map))
 
     def _update_terrain_curriculum(self, mask: torch.Tensor) -> None:
-        """legged_gym's terrain curriculum, for the environments in `mask` whose episode ended: a robot that walked
-        farther than half a tile from its start moves a level up, one that covered less than half the distance its
-        command asked for over a whole episode moves a level down (never below 0), and one that walks off the top
-        level goes to a random level, so that the top does not fill up and the lower levels stay practised. A level
-        change moves the robot to the tile of the new level in its column; the next reset starts it there."""
+        """legged_gym's terrain curriculum, for the environments in `mask` whose episode ended. The distance is the
+        trunk's from its tile's centre (env_origin; it started within SPAWN_SPREAD of it along x and y): beyond half a
+        tile, a level up; under half of what the current command asks for over a whole episode_length_s, a level
+        down (never below 0), so that a fall or a short first (desynchronized) episode counts as a failure, as in
+        legged_gym; up from the top level, a random level, so that the top does not fill up and the lower levels stay
+        practised. A level change moves the robot to the tile of the new level in its column; the next reset starts
+        it there."""
         if self.terrain is None or not self.curriculum:  # Python values of the configuration: no device sync
             return
         walked = (self.root_pos[:, :2] - self.env_origin[:, :2]).norm(dim=1)
@@ -778,6 +781,20 @@ class Go1Env:
         anywhere = (self._rand(self.num_envs) * (top + 1)).long().clamp_(max=top)
         level = torch.where(level > top, anywhere, level.clamp(min=0))
         self.terrain_level.copy_(torch.where(mask, level, self.terrain_level))
+        self.env_origin.copy_(self.tile_origins[self.terrain_level, self.terrain_col])
+
+    def adopt_levels(self, level: torch.Tensor, col: torch.Tensor) -> None:
+        """Carry a checkpoint's curriculum over to robots that start afresh (a resume with another number of robots
+        or processes): each robot takes the level of a saved robot of its terrain type (of any type where its type
+        had none), drawn at random. `level`, `col` (M,): the saved robots' terrain_level and terrain_col. At
+        start-up, before reset(); host-side."""
+        level, col = level.to(self.device), col.to(self.device)
+        saved_type, own_type = self.col_type[col], self.col_type[self.terrain_col]
+        for ty in range(len(self.type_names)):
+            pool = level[saved_type == ty] if (saved_type == ty).any() else level
+            on = (own_type == ty).nonzero().squeeze(1)
+            pick = (self._rand(len(on)) * len(pool)).long().clamp_(max=len(pool) - 1)
+            self.terrain_level[on] = pool[pick].clamp(max=self.num_levels - 1)
         self.env_origin.copy_(self.tile_origins[self.terrain_level, self.terrain_col])
 
     # ------------------------------------------------------------------------------------------------------------
@@ -1305,6 +1322,12 @@ def main(args: Args) -> None:
     env = Go1Env(args.num_envs, device, Go1Config.from_args(args))
     if ckpt is not None:
         ec.check_checkpoint_dims(ckpt, args.checkpoint, env.num_obs, env.num_actions)
+        for name in ("terrain_levels", "seed") if args.terrain == "rough" and not (args.eval or args.export) else ():
+            if ckpt["args"][name] != getattr(args, name):  # they build the terrain its robots stand on
+                raise UserError(
+                    f"{ec.flag(name)} {getattr(args, name)}: {args.checkpoint}'s robots are on the terrain of "
+                    f"{ec.flag(name)} {ckpt['args'][name]}; resume with that, or start a new run"
+                )
     agent = ActorCritic(env.num_obs, env.num_actions, args.init_noise_std, bf16=args.bf16).to(device)
     normalizer = ObservationNormalizer(env.num_obs, clip=args.obs_clip, dist=dist).to(device)
     # The learning rate is a device tensor, so that the KL-adaptive schedule changes it without a host sync.
@@ -1345,7 +1368,11 @@ def main(args: Args) -> None:
     else:
         if ckpt is not None:
             saved = f"{ckpt.get('processes', 1)} process(es) with {ckpt['args']['num_envs']} environments each"
-            print(f"note: {args.checkpoint} was saved by {saved}: the environments start afresh", flush=True)
+            levels = saved_levels(ckpt) if env.terrain is not None else None
+            if levels is not None:  # the curriculum goes on where it was
+                env.adopt_levels(*levels)
+            carried = ", on the curriculum's levels by terrain type" if levels is not None else ""
+            print(f"note: {args.checkpoint} was saved by {saved}: the environments start afresh{carried}", flush=True)
         storage.next_obs.copy_(env.reset())
         env.desynchronize()
     batch_size = T * N
@@ -1724,6 +1751,8 @@ def print_terrain_summary(metrics: dict[str, float], suffix: str, top_levels: in
             return sum(x * w for x, w in pairs if w) / total if total else float("nan")
 
         episodes = sum(metrics[f"tile/{ty}/{lv}/episodes{suffix}"] for lv in lvs)
+        if not episodes and not sum(metrics[f"tile/{ty}/{lv}/steps{suffix}"] for lv in lvs):
+            return f"no robot was here (fewer robots than the {len(levels)} x {TERRAIN_COLUMNS} tiles)"
         falls = mean("fall_rate", "episodes")
         low, high = ec.wilson_interval(falls * episodes if episodes else 0.0, episodes)
         return (
@@ -1743,14 +1772,22 @@ def print_terrain_summary(metrics: dict[str, float], suffix: str, top_levels: in
             print(f"  {ty:>12} level {lv:2d}: {pooled(ty, [lv])}", flush=True)
 
 
+def saved_levels(ckpt: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A rough-terrain checkpoint's training robots, all its processes': their terrain_level and terrain_col (M,),
+    on the CPU; None for a flat-terrain checkpoint."""
+    parts = [ckpt, *ckpt.get("other_processes", [])]
+    if any("terrain_level" not in p.get("env", {}) for p in parts) or ckpt["args"].get("terrain") != "rough":
+        return None
+    return tuple(torch.cat([p["env"][k].cpu() for p in parts]) for k in ("terrain_level", "terrain_col"))
+
+
 def trained_levels(ckpt: dict) -> dict[str, float]:
     """The mean curriculum level that a rough-terrain checkpoint's training robots had reached, over all its
     processes' robots and by terrain type ("all" and each type); empty for a flat-terrain checkpoint."""
-    parts = [ckpt, *ckpt.get("other_processes", [])]
-    if any("terrain_level" not in p.get("env", {}) for p in parts) or ckpt["args"].get("terrain") != "rough":
+    saved = saved_levels(ckpt)
+    if saved is None:
         return {}
-    level = torch.cat([p["env"]["terrain_level"].cpu() for p in parts]).float()
-    col = torch.cat([p["env"]["terrain_col"].cpu() for p in parts])
+    level, col = saved[0].float(), saved[1]
     columns = ec.columns_by_proportion(TERRAIN_TYPES, TERRAIN_COLUMNS)
     kind = [columns[c] for c in col.tolist()]
     out = {"all": level.mean().item()}
@@ -1785,7 +1822,13 @@ def sim_to_sim(agent, normalizer, env, device, args: Args) -> None:
         c_args = dataclasses.replace(args, solver=None)
         c = evaluate(None, None, device, c_args, args.num_envs, sim=ec.CEngineSim, policy=policy)
         t2 = time.perf_counter()
-    columns = {"MuJoCo Warp": warp, "MuJoCo C (ONNX)": c}
+    # On rough terrain the table shows each type's figures (of the types that had robots); every tile's are in the JSON.
+    shown = [
+        k
+        for k in warp
+        if not k.startswith("tile/") and not (k.startswith("terrain/") and math.isnan(warp[k]) and math.isnan(c[k]))
+    ]
+    columns = {"MuJoCo Warp": {k: warp[k] for k in shown}, "MuJoCo C (ONNX)": {k: c[k] for k in shown}}
     ec.print_metrics_side_by_side("sim-to-sim (deterministic policy, same commands)", columns, EVAL_UNITS)
     print(f"wall time: MuJoCo Warp {t1 - t0:.1f} s, MuJoCo C {t2 - t1:.1f} s")
     out, opt = ec.run_dir_of(args.checkpoint) / "sim2sim.json", ec.load_model(ASSET).opt  # MuJoCo C's solver

@@ -92,6 +92,21 @@ def test_curriculum_moves_robots_by_how_far_they_walked():
     torch.testing.assert_close(env.env_origin, env.tile_origins[env.terrain_level, env.terrain_col])
 
 
+def test_robots_that_start_afresh_keep_the_saved_curriculum_levels_of_their_type():
+    """A resume with another number of robots: each robot takes a level of a saved robot of its type (of any type
+    where its type had none), clamped to the terrain's top level."""
+    env = rough_env(40)
+    columns = ec.columns_by_proportion(loco.TERRAIN_TYPES, loco.TERRAIN_COLUMNS)
+    up, down = columns.index("stairs_up"), columns.index("stairs_down")
+    env.adopt_levels(torch.tensor([2, 2, 0, 7]), torch.tensor([up, up + 1, down, down]))
+    kind = [columns[c] for c in env.terrain_col.tolist()]
+    level = env.terrain_level.tolist()
+    assert {lv for k, lv in zip(kind, level) if k == "stairs_up"} == {2}
+    assert {lv for k, lv in zip(kind, level) if k == "stairs_down"} <= {0, LEVELS - 1}
+    assert set(level) <= {0, 2}  # the other types draw from every saved robot
+    torch.testing.assert_close(env.env_origin, env.tile_origins[env.terrain_level, env.terrain_col])
+
+
 def test_robots_spawn_on_their_tiles_platform_above_the_surface():
     """After a reset each trunk is SPAWN_HEIGHT above its tile's centre, within the flat platform, its feet above the
     surface whatever the joint angles drawn (checked with MuJoCo's forward kinematics)."""
@@ -165,15 +180,28 @@ def test_rough_eval_prints_the_per_level_table(rough_run, rendering_problem):
         cwd,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    for kind in ("smooth_slope", "rough_slope", "stairs_up", "stairs_down", "obstacles"):
+    for kind in ("smooth_slope", "stairs_up", "stairs_down", "obstacles"):
         for level in (0, 1):
             assert f"{kind:>12} level {level:2d}: v err" in out.stdout
+    # 10 robots on 2 x 20 tiles: 5 columns a level, none of them rough_slope's (2 and 3): said, not a line of NaN.
+    assert " rough_slope level  0: no robot was here (fewer robots than the 2 x 20 tiles)" in out.stdout
+    assert "nan" not in out.stdout
     assert "curriculum level reached in training (0 to 1): all " in out.stdout
     metrics = json.loads((run_dir / "eval.json").read_text())
     assert metrics["tile/stairs_up/1/episodes_randomized"] >= 1
     assert 0 <= metrics["curriculum_level_reached"]["all"] <= 1
     if video:
         assert (run_dir / "eval_video.mp4").stat().st_size > 1000
+
+
+def test_a_resume_on_another_terrain_is_refused(rough_run):
+    cwd, run_dir, _ = rough_run
+    ckpt = str(run_dir / "checkpoints" / "latest.pt")
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    out = run(["--checkpoint", ckpt, "--num-iterations", "3", "--terrain-levels", "3"], cwd)
+    assert out.returncode == 2 and "error: --terrain-levels 3: " in out.stderr, out.stdout + out.stderr
+    assert "resume with that, or start a new run" in out.stderr and "Traceback" not in out.stderr
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
 
 
 @pytest.mark.xfail(
