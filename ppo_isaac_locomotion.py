@@ -1310,6 +1310,8 @@ def main(args: Args) -> None:
     )
     check_args(args)
     ec.note_gpu_only_flags(args, device)
+    if args.terrain == "flat" and args.terrain_levels != Args.terrain_levels and dist.is_main:
+        print("note: --terrain-levels shapes --terrain rough only; this run is on flat ground", flush=True)
     requested_speed = ec.gpu_speed_flags(args, device)
     ec.check_memory(device, args.num_envs, args.num_steps * BYTES_PER_ENV_STEP)
     if args.capture_video:

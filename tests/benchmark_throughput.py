@@ -92,13 +92,14 @@ def bench_size(script, env_cls, config_cls, num_envs: int, device, opts) -> dict
     config = config_cls.from_args(args)
     env = env_cls(num_envs, device, config)
     T = args.num_steps
-    if getattr(config, "domain_rand", False):
+    rough = getattr(env, "terrain", None) is not None
+    if getattr(config, "domain_rand", False) or rough:
         # Each world's own model, as training draws them (a reset does), with every robot back at its home pose.
         env.reset()
         everyone = torch.ones(num_envs, dtype=torch.bool, device=device)
         sim = env.sim
         home = sim.default_qpos.expand(num_envs, -1).clone()
-        if getattr(env, "terrain", None) is not None:  # rough terrain: each robot on its own tile
+        if rough:  # each robot on its own tile
             home[:, 0:3] += env.env_origin
         sim.reset(everyone, home, ctrl=sim.default_ctrl.expand(num_envs, -1))
 
