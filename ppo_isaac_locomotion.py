@@ -568,6 +568,7 @@ class Go1Env:
         # Rough terrain: the tiles (Isaac Gym: env_origins), the height scan and the curriculum's state.
         self.terrain_level, self.terrain_col = z(dtype=torch.long), z(dtype=torch.long)
         self.env_origin, self.heights = z(3), z(0)
+        self._tile_count = None  # rough terrain: robots per tile, counted by stat_tensors()
         if self.terrain is not None:
             t = self.terrain
             self.height_map = ec.HeightMap(t, device)
@@ -592,7 +593,6 @@ class Go1Env:
             # Per (level, type) sums, reduced once per iteration: steps, lin_err, steady steps, steady lin_err,
             # episodes, falls, episodes that walked off their tile (the curriculum's promotions).
             self.tile_stats = torch.zeros(len(TILE_STATS), t.num_levels * len(self.type_names), device=device)
-            self._tile_count = None  # robots per tile, counted by stat_tensors()
 
     STATE = (
         "actions",
@@ -876,7 +876,7 @@ class Go1Env:
         st["overflows"] += overflowed
         if self.terrain is not None:  # the same by tile: level and type
             walked_off = (self.root_pos[:, :2] - self.env_origin[:, :2]).norm(dim=1) > TILE_SIZE / 2
-            tile = self.terrain_level * len(self.type_names) + self.col_type[self.terrain_col]
+            tile = self._tile()
             rows = (ok, lin_err, steady, lin_err * steady, done, fell, done & walked_off)
             self.tile_stats.index_add_(1, tile, torch.stack([r.float() for r in rows]))
         for name in self.reward_names:
@@ -884,12 +884,16 @@ class Go1Env:
             self.episode_sums[name].masked_fill_(done | self.broken, 0.0)
         self.episode_return.masked_fill_(done | self.broken, 0.0)
 
+    def _tile(self) -> torch.Tensor:
+        """Each robot's tile statistics column, (N,) long: level * number of types + its column's type."""
+        return self.terrain_level * len(self.type_names) + self.col_type[self.terrain_col]
+
     def stat_tensors(self) -> list[torch.Tensor]:
         """The statistics' sums, which torch.distributed adds up over processes before pop_stats(); on rough terrain
         with the count of robots per tile, counted now."""
         tensors = list(self.stats.values())
         if self.terrain is not None:
-            tile = self.terrain_level * len(self.type_names) + self.col_type[self.terrain_col]
+            tile = self._tile()
             self._tile_count = torch.zeros(self.tile_stats.shape[1], device=self.device).index_add_(
                 0, tile, torch.ones(self.num_envs, device=self.device)
             )
@@ -901,7 +905,7 @@ class Go1Env:
         STEADY_AFTER_S after each command change on); episode means over the episodes that ended. On rough terrain
         also, by terrain type and by tile ("tile/<type>/<level>/..."), and the curriculum's levels now
         ("curriculum/..."); see terrain_figures()."""
-        tensors = self.stat_tensors() if getattr(self, "_tile_count", None) is None else list(self.stats.values())
+        tensors = self.stat_tensors() if self._tile_count is None else list(self.stats.values())
         v = dict(zip(self.stats, torch.stack(tensors[: len(self.stats)]).sum(dim=1).tolist()))
         terrain = self.terrain_figures() if self.terrain is not None else {}
         for t in self.stats.values():

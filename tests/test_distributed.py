@@ -23,7 +23,7 @@ import torch
 import envs_common as ec
 import ppo_isaac_locomotion
 import ppo_isaac_reach
-from tiny import TINY
+from tiny import TINY, wait_for_line
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_ITERATION = 2 * 4 * 8  # processes x environments x steps
@@ -56,20 +56,6 @@ def start(cmd, cwd) -> subprocess.Popen:
 
 def run(cmd, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=300, check=False)
-
-
-def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 240) -> str:
-    """The process's stdout up to and including the first line that holds `text`."""
-    t0, lines = time.time(), []
-    while time.time() - t0 < timeout:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    proc.kill()
-    raise AssertionError(f"no line with {text!r}:\n{''.join(lines)}\n{proc.stderr.read()}")
 
 
 def worker_pid(launcher: subprocess.Popen, rank: int) -> int:

@@ -15,7 +15,7 @@ import torch
 
 import ppo_isaac_locomotion
 import ppo_isaac_reach
-from tiny import TINY
+from tiny import TINY, wait_for_line
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -162,24 +162,10 @@ def test_resumed_run_repeats_the_straight_one_exactly(tmp_path, name):
     same_training_state(straight, resumed)
 
 
-def wait_for_line(proc, text, timeout=300):
-    t0 = time.time()
-    lines = []
-    while time.time() - t0 < timeout:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    proc.kill()
-    raise AssertionError(f"no line with {text!r}:\n" + "".join(lines))
-
-
 @pytest.mark.parametrize("name,sig", [("locomotion", signal.SIGTERM), ("reach", signal.SIGINT)])
 def test_sigterm_or_ctrl_c_mid_rollout_saves_a_checkpoint_that_resumes(tmp_path, name, sig):
     proc = start(name, [*TINY, "--num-iterations", "1000", "--save-interval", "1000"], tmp_path)
-    wait_for_line(proc, "iter     2/1000")
+    wait_for_line(proc, "iter     2/1000", timeout=300)
     time.sleep(0.3)  # most of an iteration is its rollout
     proc.send_signal(sig)
     rest = proc.communicate(timeout=300)[0]
@@ -236,7 +222,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path, na
         cwd = tmp_path / str(attempt)
         cwd.mkdir()
         proc = start(name, [*TINY, "--num-iterations", "1000", "--save-interval", "1"], cwd)
-        wait_for_line(proc, "iter     2/1000")  # latest.pt exists from iteration 1 on
+        wait_for_line(proc, "iter     2/1000", timeout=300)  # latest.pt exists from iteration 1 on
         (ckpt_dir,) = [d / "checkpoints" for d in (cwd / "runs").iterdir()]
         deadline = time.time() + 120
         while time.time() < deadline and not any(ckpt_dir.glob("*.tmp")):
