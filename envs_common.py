@@ -17,9 +17,11 @@ Conventions, stated once:
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes.util
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib
 import io
@@ -31,7 +33,6 @@ import random
 import secrets
 import signal
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -277,176 +278,210 @@ def out_of_memory(error: BaseException) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # A terrain is a grid of square tiles: rows are difficulty levels (along x, level 0 the easiest), columns are terrain
 # types (along y), as in legged_gym's curriculum terrain (legged_gym/utils/terrain.py) and Isaac Lab's
-# TerrainGenerator. Each tile is a height map made by a tile function below; the tiles, with a flat border around
-# them, make one height map, which MuJoCo simulates as one heightfield geom (add_terrain) and which the policy's
-# height scan reads on the device (HeightMap). Tile functions share one convention: they return a float32 array of
-# shape `shape` = (nx, ny), heights in metres, sample [i, j] at x = i * hscale, y = j * hscale from the tile's corner;
-# the tile's centre is at (nx * hscale / 2, ny * hscale / 2) (sample [nx // 2, ny // 2], the spawn point), and its
-# far edges are where the next tile's first samples lie, so that a pattern that is 0 at a tile's edge is 0 on both
-# sides of every seam.
-def _check_tile(shape, hscale: float) -> tuple[int, int]:
-    nx, ny = (int(n) for n in shape)
-    if nx < 2 or ny < 2:
-        raise UserError(f"a terrain tile needs at least 2 x 2 samples, got shape {tuple(shape)}")
-    if not hscale > 0:
-        raise UserError(f"the terrain's horizontal scale must be positive, got {hscale} m")
-    return nx, ny
-
-
-def _edge_distance(shape, hscale: float) -> np.ndarray:
-    """(nx, ny) float64: each sample's distance (m) to the tile's nearest edge along x or y, whichever is nearer
-    (the pyramid distance of legged_gym's pyramid terrains)."""
-    nx, ny = shape
-    i, j = np.arange(nx), np.arange(ny)
-    dx = np.minimum(i, nx - i) * hscale  # integer sample counts first: exact on the sample grid
-    dy = np.minimum(j, ny - j) * hscale
-    return np.minimum(dx[:, None], dy[None, :])
-
-
-def _platform(shape, hscale: float, platform: float) -> np.ndarray:
-    """(nx, ny) bool: the samples in the central square of side `platform` m (centred on the tile's centre); none
-    when platform is 0."""
-    nx, ny = shape
-    if platform <= 0:
-        return np.zeros((nx, ny), dtype=bool)
-    half = platform / 2 + 1e-6 * hscale  # the square's edge samples belong to it despite rounding
-    inside_x = np.abs(np.arange(nx) - nx / 2) * hscale <= half
-    inside_y = np.abs(np.arange(ny) - ny / 2) * hscale <= half
-    return inside_x[:, None] & inside_y[None, :]
-
-
-def pyramid_slope(shape, hscale: float, slope: float, platform: float) -> np.ndarray:
-    """A four-sided pyramid: the height is `slope` times the distance to the tile's nearest edge (0 at the edge,
-    rise over run |slope|; slope > 0 rises toward the centre, slope < 0 sinks into a pit), flat on top over the
-    central square of side `platform` m (at least; the whole ring at the platform's distance from the edge).
-
-    shape: (nx, ny) samples; hscale: m between samples. Returns (nx, ny) float32, m. Raises UserError on a shape
-    under 2 x 2, hscale <= 0 or platform < 0. legged_gym's pyramid_sloped_terrain makes the same shape.
-    """
-    nx, ny = _check_tile(shape, hscale)
-    if platform < 0:
-        raise UserError(f"the platform's side must be >= 0, got {platform} m")
-    top = max(min(nx, ny) * hscale - platform, 0.0) / 2  # distance from the edge at which the platform starts
-    return (slope * np.minimum(_edge_distance((nx, ny), hscale), top)).astype(np.float32)
-
-
-def random_uniform(
-    shape, hscale: float, lo: float, hi: float, step: float, downsample: float, rng, platform: float = 0.0
-) -> np.ndarray:
-    """Rough ground: heights drawn uniformly from {lo, lo + step, ..., <= hi} at the nodes of a coarser grid of spacing
-    `downsample` m (node k at x = k * downsample), linearly interpolated between nodes along x and y (so the samples
-    on a node keep their drawn value and every sample lies in [lo, hi]). legged_gym's random_uniform_terrain has the
-    same idea (coarse draws, then interpolation).
-
-    rng: np.random.Generator. platform (optional, m): a central square of that side is set flat at height 0 (the
-    spawn point; 0 is outside [lo, hi] when 0 < lo or hi < 0). Returns (nx, ny) float32, m. Raises UserError on
-    hi < lo, step <= 0, downsample < hscale or platform < 0.
-    """
-    nx, ny = _check_tile(shape, hscale)
-    if hi < lo or not step > 0:
-        raise UserError(f"random terrain needs lo <= hi and step > 0, got lo={lo}, hi={hi}, step={step} m")
-    if downsample < hscale or platform < 0:
-        raise UserError(
-            f"random terrain needs downsample >= hscale ({hscale} m) and platform >= 0, got {downsample}, {platform} m"
-        )
-    levels = lo + step * np.arange(int(np.floor((hi - lo) / step + 1e-9)) + 1)
-    x, y = np.arange(nx) * hscale, np.arange(ny) * hscale
-    kx, ky = int(np.ceil(x[-1] / downsample - 1e-9)) + 1, int(np.ceil(y[-1] / downsample - 1e-9)) + 1
-    coarse = rng.choice(levels, size=(kx, ky))
-    nodes_x, nodes_y = np.arange(kx) * downsample, np.arange(ky) * downsample
-    along_x = np.stack([np.interp(x, nodes_x, coarse[:, c]) for c in range(ky)], axis=1)  # (nx, ky)
-    heights = np.stack([np.interp(y, nodes_y, along_x[r]) for r in range(nx)], axis=0)  # (nx, ny)
-    heights[_platform((nx, ny), hscale, platform)] = 0.0
-    return heights.astype(np.float32)
-
-
-def pyramid_stairs(shape, hscale: float, step_width: float, step_height: float, platform: float) -> np.ndarray:
-    """Stairs on four sides: square rings of width `step_width` m, the outermost at height 0 and each one further in
-    `step_height` m higher, up to the central square, at least `platform` m wide, which is the last step.
-    step_height > 0: the centre is the top (a robot spawned there walks down); < 0: the centre is a pit (it climbs
-    up). The rings follow legged_gym's pyramid_stairs_terrain (its first ring is also at 0).
-
-    Returns (nx, ny) float32, m. Raises UserError on step_width < hscale or platform < 0.
-    """
-    nx, ny = _check_tile(shape, hscale)
-    if step_width < hscale or platform < 0:
-        raise UserError(
-            f"stairs need step_width >= hscale ({hscale} m) and platform >= 0, got {step_width}, {platform} m"
-        )
-    rings = int(np.floor((min(nx, ny) * hscale - platform) / 2 / step_width + 1e-6))  # full rings outside the top
-    ring = np.minimum(np.floor(_edge_distance((nx, ny), hscale) / step_width + 1e-6), max(rings, 0))
-    return (step_height * ring).astype(np.float32)
-
-
-def discrete_obstacles(
-    shape,
-    hscale: float,
-    max_height: float,
-    min_size: float,
-    max_size: float,
-    count: int,
-    platform: float,
-    rng,
-) -> np.ndarray:
-    """Flat ground (0) with `count` axis-aligned rectangular blocks: each side uniform in [min_size, max_size] m (in
-    whole samples), each corner uniform over the tile (blocks may overlap the tile's far edges, clipped; a later
-    block overwrites an earlier one), each height drawn from {-max_height, -max_height/2, +max_height/2,
-    +max_height} (legged_gym's discrete_obstacles_terrain's set: holes and boxes). The central square of side
-    `platform` m is flat at 0.
-
-    rng: np.random.Generator. Returns (nx, ny) float32, m. Raises UserError on min_size < hscale,
-    max_size < min_size, count < 0 or platform < 0.
-    """
-    nx, ny = _check_tile(shape, hscale)
-    if min_size < hscale or max_size < min_size or count < 0 or platform < 0:
-        raise UserError(
-            "obstacles need hscale <= min_size <= max_size, count >= 0 and platform >= 0, got "
-            f"min_size={min_size}, max_size={max_size}, count={count}, platform={platform}"
-        )
-    heights = np.zeros((nx, ny))
-    choices = np.array([-1.0, -0.5, 0.5, 1.0]) * max_height
-    lo, hi = int(round(min_size / hscale)), int(round(max_size / hscale))
-    for _ in range(int(count)):
-        w, h = rng.integers(lo, hi + 1, size=2)
-        i, j = rng.integers(0, nx), rng.integers(0, ny)
-        heights[i : i + w, j : j + h] = rng.choice(choices)
-    heights[_platform((nx, ny), hscale, platform)] = 0.0
-    return heights.astype(np.float32)
+# TerrainGenerator. In Isaac Gym every environment stands on one shared triangle mesh. MuJoCo Warp's worlds share a
+# model, but each world has its own poses of static geoms (Data.geom_xpos/geom_xmat, set once and never recomputed)
+# and may have its own geom sizes (per-world Model fields): so each world holds only its own tile, as K static box
+# geoms (the model's "terrain_<k>" slots), placed when its robot moves to another tile. Boxes collide exactly
+# (MuJoCo's primitive sphere/capsule/box-box collisions; README: Rough terrain measures them against a heightfield),
+# and K boxes per world keep the broadphase small whatever the number of tiles.
+#
+# A tile is a union of boxes (`Boxes`) in the tile's frame: centre (0, 0), the ground around it at height 0. Every
+# box reaches down to TERRAIN_BOTTOM, so a union of them has no holes underneath; what a union of boxes can make is
+# the pointwise maximum of their tops, hence the shapes below: stairs, pits with sloped sides, blocks.
+TERRAIN_BOTTOM = -3.0  # m: the boxes' bottoms, below the deepest pit
+TERRAIN_GROUP = 3  # the terrain boxes' geom group: the height scan's rays see this group only
+_PARKED_Z = -50.0  # m: an unused slot's box waits here, far below everything
 
 
 @dataclasses.dataclass(frozen=True)
-class TerrainMap:
-    """A terrain: tiles of num_levels rows (along x; row = difficulty level, 0 the easiest) by num_cols columns (along
-    y; one terrain type each), inside a flat border at height 0, as one height map.
+class Boxes:
+    """Static boxes: centres `pos` (k, 3) m, half sizes `half` (k, 3) m, orientations `rot` (k, 3, 3) (columns: the
+    box's axes in the parent frame; MuJoCo's geom_xmat). float64 numpy arrays."""
 
-    heights: (nx, ny) float32, m: heights[i, j] is the surface height at world (origin[0] + i * horizontal_scale,
-      origin[1] + j * horizontal_scale); the surface between samples is MuJoCo's triangulated heightfield (HeightMap).
-    horizontal_scale: m between samples, along x and y.
-    origin: world (x, y), m, of sample [0, 0]: (-border, -border), so that the tiles start at world (0, 0) and tile
-      (level l, col c) covers x in [l * tile_size[0], (l + 1) * tile_size[0]], y in [c * tile_size[1], ...]
-      (legged_gym's placement: its terrain also starts at -border).
-    tile_size: (length along x, width along y), m.
-    border: m of flat ground (height 0) around the tiles.
-    tile_origins: (num_levels, num_cols, 3) float32: world (x, y) of each tile's centre sample (the spawn point) and
-      z = heights at that sample (exact: it is a sample). legged_gym's env_origins / terrain_origins.
-    column_types: the terrain type name of each column.
-    """
+    pos: np.ndarray
+    half: np.ndarray
+    rot: np.ndarray
 
-    heights: np.ndarray
-    horizontal_scale: float
-    origin: tuple[float, float]
-    tile_size: tuple[float, float]
-    border: float
-    tile_origins: np.ndarray
-    column_types: tuple[str, ...]
+    def __len__(self) -> int:
+        return len(self.pos)
 
-    @property
-    def num_levels(self) -> int:
-        return int(self.tile_origins.shape[0])
+    @staticmethod
+    def join(*parts: Boxes) -> Boxes:
+        """The boxes of all `parts`, in order."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Boxes(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3, 3)))
+        return Boxes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("pos", "half", "rot")))
 
-    @property
-    def num_cols(self) -> int:
-        return int(self.tile_origins.shape[1])
+    def turned(self, yaw: float) -> Boxes:
+        """The boxes turned by `yaw` rad about the vertical axis through (0, 0)."""
+        c, s = math.cos(yaw), math.sin(yaw)
+        rz = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        return Boxes(self.pos @ rz.T, self.half.copy(), rz @ self.rot)
+
+
+def slab(x0: float, x1: float, y0: float, y1: float, top: float, bottom: float = TERRAIN_BOTTOM) -> Boxes:
+    """One axis-aligned box over [x0, x1] x [y0, y1] (m) from `bottom` up to `top` (m)."""
+    if not (x1 > x0 and y1 > y0 and top > bottom):
+        raise UserError(f"an empty box: x [{x0}, {x1}], y [{y0}, {y1}], z [{bottom}, {top}] m")
+    pos = [[(x0 + x1) / 2, (y0 + y1) / 2, (top + bottom) / 2]]
+    half = [[(x1 - x0) / 2, (y1 - y0) / 2, (top - bottom) / 2]]
+    return Boxes(np.array(pos, dtype=float), np.array(half, dtype=float), np.eye(3)[None].copy())
+
+
+def ground_frame(tile: float, ground: float) -> Boxes:
+    """The ground around a tile of side `tile` m: four boxes with tops at height 0, `ground` m wide (a square ring
+    from the tile's edge out to tile / 2 + ground)."""
+    a, b = tile / 2, tile / 2 + ground
+    return Boxes.join(
+        slab(a, b, -b, b, 0.0), slab(-b, -a, -b, b, 0.0), slab(-a, a, a, b, 0.0), slab(-a, a, -b, -a, 0.0)
+    )
+
+
+def _check_tile(tile: float, platform: float) -> None:
+    if not 0 <= platform <= tile:
+        raise UserError(f"a tile of side {tile} m needs a platform of 0 to {tile} m, got {platform} m")
+
+
+def stairs_boxes(tile: float, step_width: float, step_height: float, platform: float, ground: float) -> Boxes:
+    """Stairs on four sides (legged_gym's pyramid_stairs_terrain): square rings `step_width` m wide, the outermost
+    at height 0 and each one further in `step_height` m higher (lower when negative), up to the central square, at
+    least `platform` m wide, which is the last step. step_height > 0: the centre is the top (a robot spawned there
+    climbs down); < 0: a pit (it climbs up and out). The ground (height 0) reaches `ground` m beyond the tile.
+
+    Returns R + 1 boxes (nested squares) for stairs up to a top, 4 R + 1 (the rings' sides and the platform) for a
+    pit, R = the number of full rings around the platform. Raises UserError on step_width <= 0 or a platform outside
+    [0, tile]."""
+    _check_tile(tile, platform)
+    if not step_width > 0:
+        raise UserError(f"stairs need step_width > 0, got {step_width} m")
+    rings = int(math.floor((tile - platform) / 2 / step_width + 1e-9))
+    a, w, h = tile / 2, step_width, step_height
+    if h >= 0:  # nested squares: the union of square k (k steps in, k * h high) is the staircase
+        return Boxes.join(
+            slab(-a - ground, a + ground, -a - ground, a + ground, 0.0),
+            *(slab(-(a - k * w), a - k * w, -(a - k * w), a - k * w, max(k * h, 1e-6)) for k in range(1, rings + 1)),
+        )
+    parts = []
+    for j in range(rings):  # ring j: from j to j + 1 steps in, j * h high (the outermost one is also the ground)
+        outer, inner = (a + ground if j == 0 else a - j * w), a - (j + 1) * w
+        top = j * h
+        parts += [
+            slab(-outer, outer, inner, outer, top),
+            slab(-outer, outer, -outer, -inner, top),
+            slab(inner, outer, -inner, inner, top),
+            slab(-outer, -inner, -inner, inner, top),
+        ]
+    last = a - rings * w
+    return Boxes.join(*parts, slab(-last, last, -last, last, rings * h))
+
+
+def _face_rot(slope: float) -> np.ndarray:
+    """The axes of a box whose top rises toward +x at `slope` (rise over run), turned about y."""
+    c, s = 1 / math.sqrt(1 + slope * slope), slope / math.sqrt(1 + slope * slope)
+    return np.array([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])  # columns: up the slope, y, the top's normal
+
+
+def pit_boxes(tile: float, slope: float, platform: float, ground: float) -> Boxes:
+    """A four-sided pit (legged_gym's pyramid_sloped_terrain with a negative slope): the ground at the tile's edge is
+    at 0 and the surface sinks toward the centre at `slope` (rise over run, >= 0) down to a flat central square of
+    side `platform` m, slope * (tile - platform) / 2 m deep. Each side is one box tilted about its edge; the four
+    overlap, and their union is the pit, since its surface is the highest of the four planes. (A pyramid that rises
+    to the centre is the lowest of four planes: a union of boxes cannot make it.)
+
+    Returns 9 boxes: 4 ground, the platform, the 4 sides. Raises UserError on slope < 0 or a platform outside
+    [0, tile]."""
+    _check_tile(tile, platform)
+    if slope < 0:
+        raise UserError(f"a pit's slope must be >= 0, got {slope}")
+    a, p = tile / 2, platform / 2
+    depth = slope * (a - p)
+    rot = _face_rot(slope)
+    thickness = 0.5  # m, across the side's top
+    length = (a - p) * math.sqrt(1 + slope * slope)  # along the side's top, from the platform's edge to the tile's
+    centre = np.array([(a + p) / 2, 0.0, -depth / 2]) - thickness / 2 * rot[:, 2]
+    side = Boxes(centre[None], np.array([[length / 2, a, thickness / 2]]), rot[None])
+    return Boxes.join(
+        ground_frame(tile, ground),
+        slab(-p, p, -p, p, -depth if depth > 0 else 0.0),
+        *(side.turned(k * math.pi / 2) for k in range(4)),
+    )
+
+
+def pit_bumps(
+    tile: float, slope: float, platform: float, count: int, size: tuple[float, float], height: tuple[float, float], rng
+) -> Boxes:
+    """`count` flat blocks lying on the sides of pit_boxes(tile, slope, platform, ...): each on a side drawn at
+    random, turned with it, `size` (lo, hi) m wide along each of its two axes, its top `height` (lo, hi) m above
+    the side's surface, all of it over the side's own part of the tile (between the platform and the tile's edge).
+    rng: np.random.Generator. Returns `count` boxes. Raises UserError on a negative count or an empty range."""
+    if count < 0 or not (0 < size[0] <= size[1]) or not (0 < height[0] <= height[1]):
+        raise UserError(f"bumps need count >= 0 and 0 < lo <= hi, got count={count}, size={size}, height={height} m")
+    a, p = tile / 2, platform / 2
+    rot = _face_rot(slope)
+    parts = []
+    for _ in range(int(count)):
+        wx, wy = rng.uniform(*size, size=2) / 2
+        rise = rng.uniform(*height)
+        x = rng.uniform(p + wx, a - wx)  # the footprint stays between the platform and the edge
+        room = x - wx - wy  # and inside its side's triangle (|y| <= x), clear of the neighbouring sides
+        y = rng.uniform(-room, room) if room > 0 else 0.0
+        surface = np.array([x, y, slope * (x - a)])  # on the side (the pit's rim, x = a, is at 0)
+        thickness = rise + 0.1  # the block reaches 0.1 m into the side
+        centre = surface + (rise - thickness / 2) * rot[:, 2]
+        parts.append(
+            Boxes(centre[None], np.array([[wx, wy, thickness / 2]]), rot[None]).turned(
+                int(rng.integers(4)) * math.pi / 2
+            )
+        )
+    return Boxes.join(*parts)
+
+
+def block_boxes(
+    tile: float, heights, min_size: float, max_size: float, count: int, platform: float, ground: float, rng
+) -> Boxes:
+    """Flat ground (0) with `count` axis-aligned blocks (legged_gym's discrete_obstacles_terrain, its raised half):
+    each side uniform in [min_size, max_size] m, placed uniformly inside the tile, each top drawn from `heights` (m,
+    > 0), none over the central square of side `platform` m (redrawn until clear). rng: np.random.Generator.
+    Returns 1 + count boxes (the ground first). Raises UserError on 0 < min_size <= max_size <= tile not holding,
+    count < 0, a height <= 0 or a platform outside [0, tile]."""
+    _check_tile(tile, platform)
+    heights = np.asarray(heights, dtype=float)
+    if not (0 < min_size <= max_size <= tile) or count < 0 or not len(heights) or (heights <= 0).any():
+        raise UserError(
+            "blocks need 0 < min_size <= max_size <= tile, count >= 0 and heights > 0, got "
+            f"min_size={min_size}, max_size={max_size}, count={count}, heights={heights.tolist()}"
+        )
+    a, p = tile / 2, platform / 2
+    parts = [slab(-a - ground, a + ground, -a - ground, a + ground, 0.0)]
+    while len(parts) < count + 1:
+        wx, wy = rng.uniform(min_size, max_size, size=2)
+        x0, y0 = rng.uniform(-a, a - wx), rng.uniform(-a, a - wy)
+        top = float(rng.choice(heights))
+        if x0 < p and x0 + wx > -p and y0 < p and y0 + wy > -p:
+            continue  # over the platform: draw again
+        parts.append(slab(x0, x0 + wx, y0, y0 + wy, top))
+    return Boxes.join(*parts)
+
+
+def surface_height(boxes: Boxes, xy, top: float = 100.0) -> np.ndarray:
+    """The height (m) of the union of `boxes`' upper surface under the points xy (..., 2): where a ray cast straight
+    down from `top` first meets a box (an exact slab test in each box's frame), TERRAIN_BOTTOM - 1 where it meets
+    none. float64 numpy; for spawning and for tests (the policy's scan casts MuJoCo's rays)."""
+    xy = np.asarray(xy, dtype=float)
+    origin = np.concatenate([xy, np.full(xy.shape[:-1] + (1,), top)], axis=-1)[..., None, :]  # (..., 1, 3)
+    local_origin = np.einsum("kji,...kj->...ki", boxes.rot, origin - boxes.pos)  # (..., k, 3)
+    local_dir = -boxes.rot[:, 2, :]  # (k, 3): the direction (0, 0, -1) in each box's frame
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = (-boxes.half - local_origin) / local_dir
+        t2 = (boxes.half - local_origin) / local_dir
+    inside = np.abs(local_origin) <= boxes.half  # a ray parallel to a slab: inside it or never
+    parallel = np.abs(local_dir) < 1e-12
+    near = np.where(parallel, np.where(inside, -np.inf, np.inf), np.minimum(t1, t2)).max(axis=-1)
+    far = np.where(parallel, np.where(inside, np.inf, -np.inf), np.maximum(t1, t2)).min(axis=-1)
+    hit = (near <= far) & (far >= 0)
+    t = np.where(hit, np.maximum(near, 0.0), np.inf).min(axis=-1)
+    return np.where(np.isfinite(t), top - t, TERRAIN_BOTTOM - 1.0)
 
 
 def columns_by_proportion(proportions: dict[str, float], num_cols: int) -> tuple[str, ...]:
@@ -473,164 +508,196 @@ def columns_by_proportion(proportions: dict[str, float], num_cols: int) -> tuple
     return tuple(name for name in used for _ in range(counts[name]))
 
 
-def generate_terrain(
-    tile_fn,
-    columns,
-    num_levels: int,
-    tile_size: tuple[float, float] = (8.0, 8.0),
-    horizontal_scale: float = 0.1,
-    border: float = 25.0,
-    seed: int = 0,
-) -> TerrainMap:
-    """Lay out num_levels x len(columns) tiles and a flat border into one TerrainMap (legged_gym: Terrain.curiculum).
+@dataclasses.dataclass(frozen=True)
+class TerrainTiles:
+    """A terrain: num_levels rows (along x; row = difficulty level, 0 the easiest) by num_cols columns (along y; one
+    terrain type each) of square tiles, each a union of boxes, padded to the same number of boxes (num_slots).
 
-    tile_fn(type_name, difficulty, shape, hscale, rng) -> (nx, ny) array of heights (m) for one tile: type_name from
-    `columns`, difficulty = level / (num_levels - 1) in [0, 1] (the top level's is 1.0; with one level, 0), shape =
-    (nx, ny) = tile_size / horizontal_scale samples, rng = np.random.default_rng([seed, level, col]) (each tile
-    drawn on its own: a tile does not depend on the others, and the same seed makes the same map).
-    tile_size: (along x, along y), m, each a whole number of samples. border: m of flat ground (0) around the tiles
-    (legged_gym's border_size is 25 m: room for a robot that walks off the tiles, since MuJoCo's heightfield ends
-    there and nothing holds a robot beyond it).
+    pos (L, C, K, 3), half (L, C, K, 3), rot (L, C, K, 3, 3): the boxes of tile (level, col) in world coordinates
+      (a `Boxes` each); the tile's centre is at world ((level + 0.5) * tile_size, (col + 0.5) * tile_size), where
+      legged_gym places its tiles (its terrain starts at 0 as well). Unused boxes wait far below (z = -50 m).
+    used (L, C): how many of the K boxes each tile uses (the first ones).
+    tile_size: m, the tiles' side. ground: m of flat ground (height 0) around each tile, in its world.
+    tile_origins (L, C, 3) float32: each tile's centre (x, y) and the surface height there, z (the spawn point;
+      legged_gym's env_origins / terrain_origins).
+    column_types: the terrain type name of each column.
+    """
 
-    Raises UserError on num_levels < 1, no columns, horizontal_scale <= 0, a tile size that is not a whole number
-    (>= 2) of samples, border < 0 or seed < 0; ValueError when tile_fn returns the wrong shape or non-finite heights.
+    pos: np.ndarray
+    half: np.ndarray
+    rot: np.ndarray
+    used: np.ndarray
+    tile_size: float
+    ground: float
+    tile_origins: np.ndarray
+    column_types: tuple[str, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.pos.shape[0])
+
+    @property
+    def num_cols(self) -> int:
+        return int(self.pos.shape[1])
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.pos.shape[2])
+
+    def tile(self, level: int, col: int) -> Boxes:
+        """The boxes that tile (level, col) uses, in world coordinates."""
+        n = int(self.used[level, col])
+        return Boxes(self.pos[level, col, :n], self.half[level, col, :n], self.rot[level, col, :n])
+
+
+def generate_tiles(
+    tile_fn, columns, num_levels: int, tile_size: float = 8.0, ground: float = 25.0, seed: int = 0
+) -> TerrainTiles:
+    """Lay out num_levels x len(columns) tiles (legged_gym: Terrain.curiculum).
+
+    tile_fn(type_name, difficulty, tile_size, ground, rng) -> Boxes of one tile in its own frame (centre (0, 0), the
+    ground around it at height 0, reaching `ground` m beyond its edge): type_name from `columns`, difficulty =
+    level / (num_levels - 1) in [0, 1] (the top level's is 1.0; with one level, 0), rng =
+    np.random.default_rng([seed, level, col]) (each tile drawn on its own: the same seed makes the same terrain).
+    ground: m of flat ground around each tile (legged_gym's border_size is 25 m: room for a robot that walks away).
+
+    Raises UserError on num_levels < 1, no columns, tile_size <= 0, ground < 0 or seed < 0; ValueError when tile_fn
+    returns no boxes or non-finite ones.
     """
     columns = tuple(columns)
     if int(num_levels) < 1 or not columns:
         raise UserError(
             f"a terrain needs at least 1 level and 1 column, got {num_levels} levels, {len(columns)} columns"
         )
-    if not horizontal_scale > 0 or border < 0 or seed < 0:
+    if not tile_size > 0 or ground < 0 or seed < 0:
         raise UserError(
-            "the terrain needs horizontal_scale > 0, border >= 0 and seed >= 0, got "
-            f"{horizontal_scale} m, {border} m, {seed}"
+            f"the terrain needs tile_size > 0, ground >= 0 and seed >= 0, got {tile_size} m, {ground} m, {seed}"
         )
-    h = float(horizontal_scale)
-    n_tile = [int(round(s / h)) for s in tile_size]
-    nb = int(round(border / h))
-    if (
-        any(n < 2 or abs(n * h - s) > 1e-6 * max(s, 1.0) for n, s in zip(n_tile, tile_size))
-        or abs(nb * h - border) > 1e-6
-    ):
-        raise UserError(
-            f"tile_size {tuple(tile_size)} m and border {border} m must be whole numbers (>= 2 for tiles) of "
-            f"horizontal_scale {h} m"
-        )
-    nx, ny = n_tile
     levels, cols = int(num_levels), len(columns)
-    # One extra sample line at the far ends: the surface reaches border m past the last tile there too.
-    heights = np.zeros((levels * nx + 2 * nb + 1, cols * ny + 2 * nb + 1), dtype=np.float32)
-    tile_origins = np.zeros((levels, cols, 3), dtype=np.float32)
+    tiles = {}
     for level in range(levels):
         difficulty = level / (levels - 1) if levels > 1 else 0.0
         for col, name in enumerate(columns):
-            tile = np.asarray(tile_fn(name, difficulty, (nx, ny), h, np.random.default_rng([seed, level, col])))
-            if tile.shape != (nx, ny) or not np.isfinite(tile).all():
-                raise ValueError(
-                    f"tile_fn({name!r}, {difficulty}) returned shape {tile.shape} (or non-finite heights); "
-                    f"expected finite heights of shape {(nx, ny)}"
-                )
-            i0, j0 = nb + level * nx, nb + col * ny
-            heights[i0 : i0 + nx, j0 : j0 + ny] = tile
-            ci, cj = i0 + nx // 2, j0 + ny // 2
-            tile_origins[level, col] = ((ci - nb) * h, (cj - nb) * h, heights[ci, cj])
-    return TerrainMap(
-        heights=heights,
-        horizontal_scale=h,
-        origin=(-nb * h, -nb * h),
-        tile_size=(nx * h, ny * h),
-        border=nb * h,
-        tile_origins=tile_origins,
-        column_types=columns,
-    )
+            boxes = tile_fn(
+                name, difficulty, float(tile_size), float(ground), np.random.default_rng([seed, level, col])
+            )
+            if not len(boxes) or not all(np.isfinite(getattr(boxes, f)).all() for f in ("pos", "half", "rot")):
+                raise ValueError(f"tile_fn({name!r}, {difficulty}) returned no boxes or non-finite ones")
+            tiles[level, col] = boxes
+    k = max(len(b) for b in tiles.values())
+    pos, half = np.zeros((levels, cols, k, 3)), np.full((levels, cols, k, 3), 0.01)
+    rot = np.broadcast_to(np.eye(3), (levels, cols, k, 3, 3)).copy()
+    used = np.zeros((levels, cols), dtype=np.int64)
+    origins = np.zeros((levels, cols, 3), dtype=np.float32)
+    for (level, col), boxes in tiles.items():
+        centre = np.array([(level + 0.5) * tile_size, (col + 0.5) * tile_size, 0.0])
+        n = used[level, col] = len(boxes)
+        pos[level, col] = centre + [0.0, 0.0, _PARKED_Z]
+        pos[level, col, :n], half[level, col, :n], rot[level, col, :n] = boxes.pos + centre, boxes.half, boxes.rot
+        origins[level, col] = (centre[0], centre[1], surface_height(boxes, np.zeros(2)))
+    return TerrainTiles(pos, half, rot, used, float(tile_size), float(ground), origins, columns)
 
 
-def add_terrain(mjm_or_path, terrain: TerrainMap, floor: str = "floor") -> mujoco.MjModel:
-    """The model with its plane geom `floor` turned into a heightfield geom of `terrain` (Isaac Gym: add_heightfield).
+def terrain_spec(mjm_path, num_slots: int, floor: str = "floor") -> mujoco.MjSpec:
+    """The model's MjSpec with its plane geom `floor` replaced by `num_slots` static box geoms "terrain_0", ... (the
+    terrain's slots, waiting far below until placed), in geom group TERRAIN_GROUP, each with every other attribute
+    of the floor (friction, material, contype/conaffinity, condim, priority, solref, solimp). Isaac Gym:
+    add_triangle_mesh.
 
-    mjm_or_path: an MJCF path (a bare name is looked up in assets/, as in load_model), an mujoco.MjSpec (left
-    unchanged), or an MjModel compiled from XML: the latter is turned back into MJCF by MuJoCo's mj_saveLastXML,
-    which copies the model's present values into the last XML MuJoCo loaded, so it must be that model (MuJoCo
-    raises otherwise); its meshes, if any, are looked up relative to the working directory.
-    The geom keeps its name, `floor`, and every other attribute (friction, material, contype/conaffinity, condim,
-    priority, solref, ...): only its type, position and heightfield change. The heightfield asset is named
-    "terrain".
-
-    MuJoCo's heightfield conventions (mjCHField::Compile, engine_ray.c mj_rayHfield): the data has nrow rows along
-    y and ncol columns along x (row-major), so it is heights.T; the compiler rescales the data to [0, 1] and the
-    surface is at pos_z + data * size[2], x from pos_x - size[0] (column 0) to pos_x + size[0] (column ncol - 1).
-    So size = ((nx - 1) h / 2, (ny - 1) h / 2, max - min (1 m when flat), 1 m of base below the lowest point) and
-    pos = (origin + size[:2], min): at every sample the surface is at terrain.heights (to float32 rounding of the
-    rescaled data). Each cell is two triangles split along the diagonal from sample [i, j] to [i + 1, j + 1].
-
-    Raises UserError when the file is missing, the model has no geom named `floor`, or it is not a plane.
+    mjm_path: an MJCF path (a bare name is looked up in assets/, as in load_model). Raises UserError when the file
+    is missing, the model has no plane geom named `floor`, or num_slots < 1.
     """
-    if isinstance(mjm_or_path, mujoco.MjSpec):
-        spec = mjm_or_path.copy()
-    elif isinstance(mjm_or_path, mujoco.MjModel):
-        with tempfile.TemporaryDirectory() as tmp:
-            xml = Path(tmp) / "model.xml"
-            mujoco.mj_saveLastXML(str(xml), mjm_or_path)
-            spec = mujoco.MjSpec.from_string(xml.read_text())
-    else:
-        path = Path(mjm_or_path)
-        if not path.is_absolute() and not path.exists():
-            path = ASSETS / path
-        if not path.is_file():
-            raise UserError(f"asset file not found: {path}")
-        spec = mujoco.MjSpec.from_file(str(path))
-    geom = spec.geom(floor)
-    if geom is None or geom.type != mujoco.mjtGeom.mjGEOM_PLANE:
+    path = Path(mjm_path)
+    if not path.is_absolute() and not path.exists():
+        path = ASSETS / path
+    if not path.is_file():
+        raise UserError(f"asset file not found: {path}")
+    if int(num_slots) < 1:
+        raise UserError(f"the terrain needs at least one box slot, got {num_slots}")
+    spec = mujoco.MjSpec.from_file(str(path))
+    plane = spec.geom(floor)
+    if plane is None or plane.type != mujoco.mjtGeom.mjGEOM_PLANE:
         raise UserError(f"the model has no plane geom named {floor!r} to turn into the terrain")
-    heights = terrain.heights
-    lo, hi = float(heights.min()), float(heights.max())
-    nx, ny = heights.shape
-    h = terrain.horizontal_scale
-    size = ((nx - 1) * h / 2, (ny - 1) * h / 2, hi - lo if hi - lo > 1e-6 else 1.0, 1.0)
-    spec.add_hfield(
-        name="terrain", size=list(size), nrow=ny, ncol=nx, userdata=heights.T.astype(np.float32).ravel().tolist()
-    )
-    geom.type = mujoco.mjtGeom.mjGEOM_HFIELD
-    geom.hfieldname = "terrain"
-    geom.pos = [terrain.origin[0] + size[0], terrain.origin[1] + size[1], lo]
-    geom.quat = [1.0, 0.0, 0.0, 0.0]
+    attributes = {
+        a: getattr(plane, a)
+        for a in (
+            "contype",
+            "conaffinity",
+            "condim",
+            "friction",
+            "priority",
+            "solref",
+            "solimp",
+            "solmix",
+            "margin",
+            "gap",
+            "material",
+            "rgba",
+        )
+    }
+    spec.delete(plane)
+    for k in range(int(num_slots)):
+        box = spec.worldbody.add_geom(
+            name=f"terrain_{k}",
+            type=mujoco.mjtGeom.mjGEOM_BOX,
+            size=[0.01, 0.01, 0.01],
+            pos=[0.0, 0.0, _PARKED_Z],
+            group=TERRAIN_GROUP,
+        )
+        for name, value in attributes.items():
+            setattr(box, name, value)
+    return spec
+
+
+def place_tile(spec: mujoco.MjSpec, boxes: Boxes) -> mujoco.MjModel:
+    """terrain_spec()'s model, compiled, with its first len(boxes) slots at `boxes` (the rest left waiting): one
+    world's terrain as MuJoCo's C engine sees it (for CEngineSim, the renderer's checks and tests). Raises
+    UserError when `boxes` has more boxes than the spec has slots."""
+    spec = spec.copy()
+    slots = [g for g in spec.geoms if g.name.startswith("terrain_")]
+    if len(boxes) > len(slots):
+        raise UserError(f"{len(boxes)} boxes do not fit in the model's {len(slots)} terrain slots")
+    for geom, pos, half, rot in zip(slots, boxes.pos, boxes.half, boxes.rot):
+        quat = np.zeros(4)
+        mujoco.mju_mat2Quat(quat, rot.reshape(-1))
+        geom.pos, geom.size, geom.quat = pos.tolist(), half.tolist(), quat.tolist()
     return spec.compile()
 
 
-class HeightMap:
-    """The terrain's surface height under world points, on the device: legged_gym's _get_heights (measured_heights)
-    without its host-side lookups. Pure torch with fixed shapes and no host sync, so it may run inside a recorded
-    CUDA graph.
+class TerrainSlots:
+    """Places each world's tile in its terrain slots, on the device (BatchedSim): the slots' poses go into
+    Data.geom_xpos / geom_xmat (MuJoCo Warp computes a static geom's pose once, in make_data, and never again) and
+    their sizes into the per-world Model fields geom_size, geom_aabb and geom_rbound (the broadphase's bounds), so
+    the `sim` must be made with per_world=TerrainSlots.PER_WORLD.
 
-    __call__(xy): xy (..., 2) float, world metres -> (...) float32, the height (m) of MuJoCo's heightfield surface
-    there, i.e. what mujoco.mj_ray straight down hits on add_terrain's model: each cell is split along the diagonal
-    from sample [i, j] to [i + 1, j + 1] (MuJoCo's engine_ray.c mj_rayHfield and engine_collision_convex.c
-    mjc_ConvexHField use those two triangles), and the height is linear on each triangle, not bilinear.
-    Points outside the map get the height at the nearest edge of the map (the border is flat there anyway; MuJoCo
-    has no ground beyond it).
+    place(mask, level, col): the worlds in `mask` (N,) bool get the boxes of tiles (level[i], col[i]) ((N,) long),
+    the others keep theirs bit for bit; in place, no host sync, so it may run inside a recorded step.
     """
 
-    def __init__(self, terrain: TerrainMap, device):
-        self.device = torch.device(device)
-        self.heights = torch.as_tensor(terrain.heights, dtype=torch.float32, device=self.device)
-        self.nx, self.ny = terrain.heights.shape
-        self.scale = float(terrain.horizontal_scale)
-        self.origin = torch.tensor(terrain.origin, dtype=torch.float32, device=self.device)
+    PER_WORLD = ("geom_size", "geom_aabb", "geom_rbound")
 
-    def __call__(self, xy: torch.Tensor) -> torch.Tensor:
-        grid = (xy.to(torch.float32) - self.origin) / self.scale  # (..., 2) in samples
-        u = grid[..., 0].clamp(0.0, self.nx - 1)
-        v = grid[..., 1].clamp(0.0, self.ny - 1)
-        i = u.floor().clamp(max=self.nx - 2)  # the cell's first sample; the far edge belongs to the last cell
-        j = v.floor().clamp(max=self.ny - 2)
-        fu, fv = u - i, v - j  # position inside the cell, each in [0, 1]
-        flat = self.heights.view(-1)
-        k = i.long() * self.ny + j.long()
-        h00, h10, h01, h11 = flat[k], flat[k + self.ny], flat[k + 1], flat[k + self.ny + 1]
-        # Triangle (i, j), (i+1, j), (i+1, j+1) where fu >= fv; (i, j), (i+1, j+1), (i, j+1) where fv > fu.
-        lower = h00 + fu * (h10 - h00) + fv * (h11 - h10)
-        upper = h00 + fv * (h01 - h00) + fu * (h11 - h01)
-        return torch.where(fu >= fv, lower, upper)
+    def __init__(self, sim: BatchedSim, tiles: TerrainTiles):
+        self.sim, self.num_cols = sim, tiles.num_cols
+        self.ids = torch.tensor([sim.geom_id(f"terrain_{k}") for k in range(tiles.num_slots)], device=sim.device)
+
+        def table(a: np.ndarray) -> torch.Tensor:  # (L, C, K, ...) -> (L * C, K, ...) on the device
+            return torch.tensor(a.reshape(-1, *a.shape[2:]), dtype=torch.float32, device=sim.device)
+
+        self.pos, self.rot, self.half = table(tiles.pos), table(tiles.rot), table(tiles.half)
+        self.aabb = torch.stack([torch.zeros_like(self.half), self.half], dim=2)  # (centre offset, half sizes)
+        self.rbound = self.half.norm(dim=-1)
+
+    def place(self, mask: torch.Tensor, level: torch.Tensor, col: torch.Tensor) -> None:
+        s, tile, ids = self.sim, level * self.num_cols + col, self.ids
+        for target, table in (
+            (s.geom_xpos, self.pos),
+            (s.geom_xmat, self.rot),
+            (s.model["geom_size"], self.half),
+            (s.model["geom_aabb"], self.aabb),
+            (s.model["geom_rbound"], self.rbound),
+        ):
+            keep = target[:, ids]
+            target[:, ids] = torch.where(mask.view(-1, *[1] * (keep.dim() - 1)), table[tile], keep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -676,8 +743,12 @@ def overflow_bits() -> int:
     return int(o.NEFC | o.NJMAX_NNZ | o.BROADPHASE | o.NARROWPHASE | o.CCD | o.HFIELD | o.NVMAX)
 
 
-def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
-    """Upper bounds (nconmax, njmax) per world: contacts of every geom pair that may touch, and their rows."""
+def contact_capacity(mjm: mujoco.MjModel, static_touch: int | None = None) -> tuple[int, int]:
+    """Upper bounds (nconmax, njmax) per world: contacts of every geom pair that may touch, and their rows.
+
+    static_touch: if given, a moving geom is taken to touch at most this many static geoms (the world body's) at
+    once, those of its pairs that make the most contacts: a bound for a terrain of many boxes, of which a foot
+    touches a few at a time (a world that exceeds it anyway is flagged by overflowed(), never silently)."""
     ncon, nrows = 0, 0
     if not mjm.opt.disableflags & mujoco.mjtDisableBit.mjDSBL_CONTACT:
         body_weld = mjm.body_weldid
@@ -692,14 +763,23 @@ def contact_capacity(mjm: mujoco.MjModel) -> tuple[int, int]:
                     pairs.add((g1, g2))
         pairs |= {(min(g1, g2), max(g1, g2)) for g1, g2 in zip(mjm.pair_geom1, mjm.pair_geom2)}  # <pair>s
         max_contacts = _pair_max_contacts()
+        static = {}  # moving geom -> [(contacts, rows)] of its pairs with static geoms
         for g1, g2 in pairs:
             n = max_contacts.get(frozenset([mjm.geom_type[g1], mjm.geom_type[g2]]), 8)
             condim = max(mjm.geom_condim[g1], mjm.geom_condim[g2])
             rows = (
                 1 if condim == 1 else (2 * (condim - 1) if mjm.opt.cone == mujoco.mjtCone.mjCONE_PYRAMIDAL else condim)
             )
+            w1, w2 = body_weld[mjm.geom_bodyid[g1]], body_weld[mjm.geom_bodyid[g2]]
+            if static_touch is not None and (w1 == 0) != (w2 == 0):
+                static.setdefault(g2 if w1 == 0 else g1, []).append((n, n * rows))
+                continue
             ncon += n
             nrows += n * rows
+        for touching in static.values():
+            for n, r in sorted(touching, reverse=True)[:static_touch]:
+                ncon += n
+                nrows += r
     # Joint limits, DOF friction loss and equality constraints each add rows.
     nrows += int(mjm.jnt_limited.sum()) + int((mjm.dof_frictionloss > 0).sum()) + 6 * mjm.neq
     return int(max(ncon, 1)), int(max(nrows, 1))
@@ -763,6 +843,8 @@ class BatchedSim:
     | xpos       | (N, nbody, 3)    | body frame positions, world frame               | rigid body state [..., 0:3]    |
     | xquat      | (N, nbody, 4)    | body frame orientations (w, x, y, z)            | rigid body state [..., 3:7]    |
     | site_xpos  | (N, nsite, 3)    | site positions, world frame                     | -                              |
+    | geom_xpos  | (N, ngeom, 3)    | geom positions, world frame (static ones: set)  | -                              |
+    | geom_xmat  | (N, ngeom, 3, 3) | geom orientations (columns: the geom's axes)    | -                              |
     | mocap_pos  | (N, nmocap, 3)   | mocap body positions (markers, targets)         | -                              |
     | contact_force | (N, nbody, 3) | net external (contact) force per body, world    | net contact force tensor       |
     | overflow   | (N,) int32       | MuJoCo Warp's overflow bits, sticky until reset | -                              |
@@ -850,6 +932,7 @@ class BatchedSim:
         self.act_force = wp.to_torch(d.actuator_force)
         self.xpos, self.xquat = wp.to_torch(d.xpos), wp.to_torch(d.xquat)
         self.site_xpos = wp.to_torch(d.site_xpos)
+        self.geom_xpos, self.geom_xmat = wp.to_torch(d.geom_xpos), wp.to_torch(d.geom_xmat)
         self.mocap_pos = wp.to_torch(d.mocap_pos)
         self.contact_force = wp.to_torch(d.cfrc_ext)[..., 3:6]  # cfrc_ext is (torque, force) at the body's COM
         self.overflow = wp.to_torch(d.overflow)
@@ -871,6 +954,8 @@ class BatchedSim:
                 "qfrc_applied",
                 "xfrc_applied",
                 "overflow",
+                "geom_xpos",  # static geoms' poses are set once and kept: per-world terrain (TerrainSlots)
+                "geom_xmat",
             )
             if getattr(d, name).size > 0
         }
@@ -880,9 +965,11 @@ class BatchedSim:
         ]
         self._graph = None
         self._stepped_once = False
+        self._ray_buffers: dict = {}
         self._overflow_bits = overflow_bits()
         # Warp's launches are not torch ops: torch.compile calls these as they are, untraced.
         self.step, self._kinematics = torch.compiler.disable(self.step), torch.compiler.disable(self._kinematics)
+        self._cast = torch.compiler.disable(self._cast)
 
         # Start every world at the first keyframe (else the model's qpos0) with its controls.
         key = 0 if mjm.nkey else None
@@ -1011,7 +1098,7 @@ class BatchedSim:
         """Restore a get_state(). Per-world model fields that `state` lacks (saved by a simulation without them) keep
         their present values. Raises UserError when a saved tensor's shape differs from this simulation's."""
         for name, t in self._state.items():
-            if name.startswith("model.") and name not in state:
+            if name.startswith(("model.", "geom_x")) and name not in state:  # saved without them: keep these
                 continue
             if state[name].shape != t.shape:
                 raise UserError(
@@ -1024,6 +1111,40 @@ class BatchedSim:
     def overflowed(self) -> torch.Tensor:
         """(N,) bool: worlds whose contact or constraint buffers overflowed since their last reset."""
         return (self.overflow & self._overflow_bits) != 0
+
+    def rays(self, pnt: torch.Tensor, vec: torch.Tensor, group: int) -> torch.Tensor:
+        """Cast P rays in every world against the geoms of geom group `group` (MuJoCo Warp's batched rays, which
+        do what mujoco.mj_ray does for each ray; Isaac Lab: RayCaster): pnt (N, P, 3) origins and vec (N, P, 3)
+        directions, world frame. Returns (N, P) float32: the distance along vec (in units of |vec|) to the first
+        surface hit, -1 where none. The result is a buffer that the next call with the same P overwrites (copy it
+        to keep it). In place and without host sync: may run inside a recorded step."""
+        n, p = pnt.shape[:2]
+        buf = self._ray_buffers.get((p, group))
+        if buf is None:  # allocated once per shape, before any graph records them
+            z = functools.partial(torch.zeros, device=self.device)
+            buf = {"pnt": z(n, p, 3), "vec": z(n, p, 3), "dist": z(n, p), "geomid": z(n, p, dtype=torch.int32)}
+            buf["normal"], buf["exclude"] = z(n, p, 3), torch.full((p,), -1, dtype=torch.int32, device=self.device)
+            mask = [0] * 6
+            mask[group] = 1
+            buf["wp"] = {
+                "pnt": wp.from_torch(buf["pnt"], dtype=wp.vec3),
+                "vec": wp.from_torch(buf["vec"], dtype=wp.vec3),
+                "geomgroup": wp.types.vector(6, wp.float32)(*mask),
+                "flg_static": True,
+                "bodyexclude": wp.from_torch(buf["exclude"]),
+                "dist": wp.from_torch(buf["dist"]),
+                "geomid": wp.from_torch(buf["geomid"]),
+                "normal": wp.from_torch(buf["normal"], dtype=wp.vec3),
+            }
+            self._ray_buffers[p, group] = buf
+        buf["pnt"].copy_(pnt)
+        buf["vec"].copy_(vec)
+        self._cast(buf["wp"])
+        return buf["dist"]
+
+    def _cast(self, arrays: dict) -> None:
+        with wp.ScopedDevice(self.wp_device):
+            mjw.rays(self.m, self.d, **arrays)
 
     def body_id(self, name: str) -> int:
         return self._id(mujoco.mjtObj.mjOBJ_BODY, name)
@@ -1183,7 +1304,8 @@ class Renderer:
         if _GL_PROBLEM is not None:  # known since import: MuJoCo was imported without rendering
             raise UserError(f"no OpenGL rendering backend works here: {_GL_PROBLEM}. To render, {fix}")
         try:
-            self._renderer = mujoco.Renderer(sim.mjm, height=height, width=width)
+            self._model = copy.copy(sim.mjm)  # its geom sizes follow the rendered world's (TerrainSlots)
+            self._renderer = mujoco.Renderer(self._model, height=height, width=width)
         except Exception as e:  # noqa: BLE001 - the library loads but makes no context (no driver, no display)
             backend = GL_REQUESTED or os.environ.get("MUJOCO_GL")
             setting = f"MUJOCO_GL={backend}" if backend else "MUJOCO_GL unset"
@@ -1207,6 +1329,11 @@ class Renderer:
         if s.mjm.nmocap:
             self._data.mocap_pos[:] = s.mocap_pos[env_id].cpu().numpy()
         mujoco.mj_forward(s.mjm, self._data)
+        if hasattr(s, "geom_xpos"):  # a BatchedSim: static geoms may differ per world (TerrainSlots)
+            self._data.geom_xpos[:] = s.geom_xpos[env_id].cpu().numpy()
+            self._data.geom_xmat[:] = s.geom_xmat[env_id].reshape(-1, 9).cpu().numpy()
+            if "geom_size" in s.model:
+                self._model.geom_size[:] = s.model["geom_size"][env_id].cpu().numpy()
         self._renderer.update_scene(self._data, camera=self.camera)
         return self._renderer.render()
 
@@ -2338,6 +2465,9 @@ class CEngineSim:
     contact or constraint arena filled up (MuJoCo warns and drops what does not fit) is flagged by overflowed(). No
     body poses (poses must be False) and no get_state()/set_state(). `nconmax` and `njmax` are MuJoCo Warp's buffer
     sizes, accepted and unused (the C engine sizes its own).
+
+    `models[i]` is world i's model (at first `mjm` for all): set_model() gives a world another one of the same
+    bodies and joints, e.g. with its own terrain tile (place_tile), before the world's next reset.
     """
 
     def __init__(
@@ -2359,6 +2489,7 @@ class CEngineSim:
         mjm.opt.disableflags |= mujoco.mjtDisableBit.mjDSBL_AUTORESET
         self.device = resolve_device(str(device))
         self.contact_forces = contact_forces
+        self.models = [mjm] * self.num_envs
         self.datas = [mujoco.MjData(mjm) for _ in range(self.num_envs)]
         key = 0 if mjm.nkey else None
         qpos0 = mjm.key_qpos[key] if key is not None else mjm.qpos0
@@ -2378,6 +2509,26 @@ class CEngineSim:
             all_envs, self.default_qpos.expand(self.num_envs, -1), ctrl=self.default_ctrl.expand(self.num_envs, -1)
         )
 
+    def set_model(self, env_id: int, mjm: mujoco.MjModel) -> None:
+        """World env_id steps `mjm` from its next reset on (a model of the same sizes nq, nv, nu, nbody)."""
+        m = self.models[env_id]
+        if (mjm.nq, mjm.nv, mjm.nu, mjm.nbody) != (m.nq, m.nv, m.nu, m.nbody):
+            raise ValueError("set_model needs a model of the same bodies, joints and actuators")
+        mjm.opt.disableflags |= mujoco.mjtDisableBit.mjDSBL_AUTORESET
+        self.models[env_id] = mjm
+        self.datas[env_id] = mujoco.MjData(mjm)
+
+    def rays(self, pnt: torch.Tensor, vec: torch.Tensor, group: int) -> torch.Tensor:
+        """BatchedSim.rays over MuJoCo's C engine: mujoco.mj_ray for each of the P rays of each world (N, P)."""
+        mask = np.zeros(6, dtype=np.uint8)
+        mask[group] = 1
+        pnt, vec = pnt.to("cpu", torch.float64).numpy(), vec.to("cpu", torch.float64).numpy()
+        dist, geomid = np.zeros(pnt.shape[:2]), np.zeros(1, dtype=np.int32)
+        for i, (m, d) in enumerate(zip(self.models, self.datas)):
+            for j in range(pnt.shape[1]):
+                dist[i, j] = mujoco.mj_ray(m, d, pnt[i, j], vec[i, j], mask, 1, -1, geomid)
+        return torch.tensor(dist, dtype=torch.float32, device=self.device)
+
     def _fills(self, d) -> int:
         """How often world d's contact or constraint arena was full so far."""
         contacts, constraints = self._full_warnings
@@ -2385,10 +2536,10 @@ class CEngineSim:
 
     def step(self) -> None:
         """Advance every world by `decimation` physics steps (mj_step) with the current `ctrl`, held."""
-        m, h = self.mjm, self._host
+        h = self._host
         ctrl = self.ctrl.to("cpu", torch.float64).numpy()
         full = np.zeros(self.num_envs, dtype=bool)
-        for i, d in enumerate(self.datas):
+        for i, (m, d) in enumerate(zip(self.models, self.datas)):
             d.ctrl[:] = ctrl[i]
             mujoco.mj_step(m, d, nstep=self.decimation)
             if self.contact_forces:  # cfrc_ext of the last physics step, as MuJoCo Warp's run_rne_postconstraint
@@ -2422,11 +2573,11 @@ class CEngineSim:
         self._full.masked_fill_(mask, False)
         host = [t.to("cpu", torch.float64).numpy() for t in (self.qpos, self.qvel, self.ctrl)]
         for i in mask.nonzero()[:, 0].tolist():
-            d = self.datas[i]
-            mujoco.mj_resetData(self.mjm, d)  # warnings too
+            m, d = self.models[i], self.datas[i]
+            mujoco.mj_resetData(m, d)  # warnings too
             self._fill_counts[i] = 0
             d.qpos[:], d.qvel[:], d.ctrl[:] = host[0][i], host[1][i], host[2][i]
-            mujoco.mj_forward(self.mjm, d)  # computes no warm start: the next mj_step is as without it
+            mujoco.mj_forward(m, d)  # computes no warm start: the next mj_step is as without it
 
     nonfinite = BatchedSim.nonfinite  # (N,) bool: worlds whose state holds a NaN or an infinity
 

@@ -299,59 +299,56 @@ ACTION_CLIP = 100.0  # actions are clipped to +-100 (legged_gym's clip_actions)
 
 # Rough terrain (--terrain rough). legged_gym's LeggedRobotCfg.terrain, which its A1 (a Go1-class robot) trains on
 # as it is: 8 m x 8 m tiles, rows of growing difficulty (the curriculum's levels), 20 columns of terrain types in
-# these proportions, the robots spawned on a 3 m flat platform at each tile's centre.
+# these proportions, the robots spawned on a 3 m flat platform at each tile's centre. Each tile is made of boxes
+# (envs_common's Terrain section), each world holds its robot's tile.
 TERRAIN_TYPES = {  # type: the share of the columns
-    "smooth_slope": 0.1,  # a pyramid (or, drawn per tile, an inverted one) of slope 0.4 * difficulty
-    "rough_slope": 0.1,  # the same with +-5 cm of bumps on top
+    "smooth_slope": 0.1,  # a pit with sides of slope 0.4 * difficulty (legged_gym also has the pyramid)
+    "rough_slope": 0.1,  # the same with 20 blocks 2 to 5 cm proud on its sides (legged_gym: +-5 cm noise)
     "stairs_up": 0.35,  # 31 cm deep steps of 5 to 23 cm: the robot starts in a pit and climbs out
     "stairs_down": 0.25,  # the same, the robot starts on top and climbs down
-    "obstacles": 0.2,  # 20 blocks 1 to 2 m wide, 2.5 to 25 cm high or deep, around the platform
+    "obstacles": 0.2,  # 20 blocks 1 to 2 m wide, 2.5 to 25 cm high, around the platform (legged_gym: also holes)
 }
 TERRAIN_COLUMNS = 20
 TILE_SIZE = 8.0  # m
 TERRAIN_PLATFORM = 3.0  # m: the flat square at each tile's centre
-TERRAIN_HSCALE = 0.1  # m between the heightfield's samples (legged_gym's and Isaac Lab's horizontal_scale)
-TERRAIN_BORDER = 25.0  # m of flat ground around the grid, for robots that walk off its edge (legged_gym's)
+TERRAIN_GROUND = 25.0  # m of flat ground around each tile, for robots that walk off it (legged_gym's border)
+CONTACT_BOXES = 6  # a robot geom touches at most this many boxes at once (sizes MuJoCo Warp's contact buffers)
 MAX_INIT_LEVEL = 5  # robots start at a level drawn in 0..5 (legged_gym's max_init_terrain_level)
 SPAWN_SPREAD = 1.0  # m: robots start within +-1 m of their tile's centre along x and y (on the platform)
 # The trunk starts this high above its tile's platform: no foot inside the terrain whatever joint angles a reset
-# draws (thigh 0.213 + calf 0.213 + foot radius 0.02 m; legged_gym's A1 starts at 0.42 m). On a plane a foot pushed
-# in is pushed back out; inside a heightfield's prism, MuJoCo Warp 4.0 can push it sideways (README: Rough terrain).
+# draws (thigh 0.213 + calf 0.213 + foot radius 0.02 m; legged_gym's A1 starts at 0.42 m).
 SPAWN_HEIGHT = 0.45  # m
 # A world whose joint or trunk speed exceeds this is reset as blown up (counted, no reward, no bootstrap): no Go1
-# motion comes near it (its joints top out near 30 rad/s), and MuJoCo Warp 4.0's heightfield contacts can kick a
-# robot to hundreds (README: Rough terrain).
+# motion comes near it (its joints top out near 30 rad/s); a robot wedged between box edges could be kicked.
 BLOWN_UP_SPEED = 100.0  # m/s and rad/s
 TILE_STATS = ("steps", "lin_err", "ss_steps", "lin_err_ss", "episodes", "falls", "walked_off")  # sums per tile
 
 
-def terrain_tile(kind: str, difficulty: float, shape: tuple[int, int], hscale: float, rng) -> np.ndarray:
-    """Heights (m) of one tile of type `kind` at `difficulty` in [0, 1] (the level over the top level), shape (nx, ny)
-    samples `hscale` m apart: legged_gym's difficulty mapping (terrain.py's make_terrain), whose top row is
-    difficulty 0.9; here the top level is 1.0, a little harder (steps 23 cm instead of 21)."""
+def terrain_tile(kind: str, difficulty: float, tile: float, ground: float, rng) -> ec.Boxes:
+    """The boxes of one tile of type `kind` at `difficulty` in [0, 1] (the level over the top level), `tile` m wide,
+    with `ground` m of ground around it: legged_gym's difficulty mapping (terrain.py's make_terrain), whose top row
+    is difficulty 0.9; here the top level is 1.0, a little harder (steps 23 cm instead of 21)."""
     slope = 0.4 * difficulty  # rise over run
     step = 0.05 + 0.18 * difficulty  # m
     obstacle = 0.05 + 0.2 * difficulty  # m
     if kind in ("smooth_slope", "rough_slope"):
-        heights = ec.pyramid_slope(shape, hscale, slope * rng.choice((-1.0, 1.0)), TERRAIN_PLATFORM)
-        if kind == "rough_slope":
-            heights = heights + ec.random_uniform(shape, hscale, -0.05, 0.05, 0.005, 0.2, rng, TERRAIN_PLATFORM)
-        return heights
+        pit = ec.pit_boxes(tile, slope, TERRAIN_PLATFORM, ground)
+        if kind == "smooth_slope":
+            return pit
+        return ec.Boxes.join(pit, ec.pit_bumps(tile, slope, TERRAIN_PLATFORM, 20, (0.2, 0.5), (0.02, 0.05), rng))
     if kind in ("stairs_up", "stairs_down"):
-        return ec.pyramid_stairs(shape, hscale, 0.31, step if kind == "stairs_down" else -step, TERRAIN_PLATFORM)
+        return ec.stairs_boxes(tile, 0.31, step if kind == "stairs_down" else -step, TERRAIN_PLATFORM, ground)
     if kind == "obstacles":
-        return ec.discrete_obstacles(shape, hscale, obstacle, 1.0, 2.0, 20, TERRAIN_PLATFORM, rng)
+        return ec.block_boxes(tile, (obstacle / 2, obstacle), 1.0, 2.0, 20, TERRAIN_PLATFORM, ground, rng)
     raise ValueError(f"unknown terrain type {kind!r}")
 
 
 @functools.lru_cache(maxsize=2)
-def build_terrain(levels: int, seed: int) -> ec.TerrainMap:
+def build_terrain(levels: int, seed: int) -> ec.TerrainTiles:
     """The rough terrain of `levels` rows and TERRAIN_COLUMNS columns, the same for a given (levels, seed): built once
     per process, shared by training, evaluations and videos."""
     columns = ec.columns_by_proportion(TERRAIN_TYPES, TERRAIN_COLUMNS)
-    return ec.generate_terrain(
-        terrain_tile, columns, levels, (TILE_SIZE, TILE_SIZE), TERRAIN_HSCALE, TERRAIN_BORDER, seed=seed
-    )
+    return ec.generate_tiles(terrain_tile, columns, levels, TILE_SIZE, TERRAIN_GROUND, seed=seed)
 
 
 # The height scan (legged_gym's measured_heights): the terrain under 17 x 11 points 0.1 m apart around the trunk,
@@ -359,6 +356,7 @@ def build_terrain(levels: int, seed: int) -> ec.TerrainMap:
 HEIGHT_SCAN_X = tuple(round(-0.8 + 0.1 * i, 1) for i in range(17))
 HEIGHT_SCAN_Y = tuple(round(-0.5 + 0.1 * i, 1) for i in range(11))
 HEIGHT_SCAN_CLIP = 1.0  # m (legged_gym clips at +-1 m)
+SCAN_RAY_TOP = 10.0  # m: the scan's rays start this high, above any terrain, straight down
 MEASURED_HEIGHTS = (
     "measured_heights",
     len(HEIGHT_SCAN_X) * len(HEIGHT_SCAN_Y),
@@ -413,8 +411,9 @@ def base_frame(qpos: torch.Tensor, qvel: torch.Tensor) -> tuple[torch.Tensor, to
 def measured_heights(base_pos: torch.Tensor, base_quat: torch.Tensor, scan: torch.Tensor, height_map) -> torch.Tensor:
     """legged_gym's measured_heights: the trunk's height above the terrain (m) at the scan points, (N, P), clipped to
     +-HEIGHT_SCAN_CLIP. base_pos (N, 3) and base_quat (N, 4, w first) are the trunk's world pose, scan (P, 2) the
-    points' (x, y) in the trunk's yaw frame (m), height_map an envs_common.HeightMap ((..., 2) world x, y ->
-    (...) terrain height, m). On the device, no host sync: it runs inside the recorded step."""
+    points' (x, y) in the trunk's yaw frame (m), height_map a function of world points (N, P, 2) (m) giving the
+    terrain's height under each (N, P) (m): Go1Env.terrain_height. On the device, no host sync: it runs inside the
+    recorded step."""
     yaw = ec.yaw_from_quat(base_quat)[:, None]
     cos, sin = torch.cos(yaw), torch.sin(yaw)
     x = base_pos[:, 0:1] + cos * scan[:, 0] - sin * scan[:, 1]
@@ -455,8 +454,10 @@ class Go1Env:
       [48:235] measured_heights, with --terrain rough only (num_obs 235): trunk height above 17 x 11 terrain points (m)
     Actions: one per actuator (the model's nu), joint target = home pose + action_scale * action.
 
-    Rough terrain (terrain "rough"): go1.xml's floor becomes build_terrain()'s heightfield. Each environment has a
-    tile, terrain_level (N,) and terrain_col (N,), and starts each episode near its centre, env_origin (N, 3); at
+    Rough terrain (terrain "rough"): go1.xml's floor becomes terrain slots (static boxes), and each world holds the
+    boxes of its environment's tile of build_terrain() (placed at each reset: ec.TerrainSlots on MuJoCo Warp, a
+    model per tile on MuJoCo C). Each environment has a tile, terrain_level (N,) and terrain_col (N,), and starts
+    each episode near its centre, env_origin (N, 3); at
     each reset the curriculum moves it a level up or down by how far it walked (_update_terrain_curriculum). With
     `curriculum=False` (evaluations) the environments are spread evenly over every tile and stay there.
 
@@ -475,7 +476,11 @@ class Go1Env:
         self.cfg = cfg = cfg or Go1Config.from_args(Args())
         self.device, self.num_envs = device, num_envs
         self.terrain = build_terrain(cfg.terrain_levels, cfg.seed) if cfg.terrain == "rough" else None
-        mjm = ec.load_model(ASSET) if self.terrain is None else ec.add_terrain(ASSET, self.terrain)  # floor -> terrain
+        if self.terrain is None:
+            mjm = ec.load_model(ASSET)
+        else:  # the floor becomes the terrain's box slots
+            self.terrain_spec = ec.terrain_spec(ASSET, self.terrain.num_slots)
+            mjm = self.terrain_spec.compile()
         if cfg.solver is not None:  # read when the model goes to MuJoCo Warp
             mjm.opt.iterations, mjm.opt.ls_iterations = cfg.solver
         # Contact forces: for feet air time, collisions and falls. No body poses: nothing here reads them.
@@ -485,6 +490,10 @@ class Go1Env:
             if sim is not None:  # MuJoCo C (--sim2sim, --viewer) steps the nominal model: it has no per-world fields
                 raise ValueError("domain randomization needs MuJoCo Warp's per-world model fields (sim=None)")
             kwargs["per_world"] = RANDOMIZED_FIELDS
+        if self.terrain is not None:
+            kwargs["nconmax"], kwargs["njmax"] = ec.contact_capacity(mjm, static_touch=CONTACT_BOXES)
+            if sim is None:
+                kwargs["per_world"] = kwargs.get("per_world", ()) + ec.TerrainSlots.PER_WORLD
         self.sim = s = (sim or ec.BatchedSim)(mjm, num_envs, device, **kwargs)
         self.num_actions = nu = mjm.nu
         self.observation_table = observation_table(cfg.terrain)
@@ -571,11 +580,14 @@ class Go1Env:
         self._tile_count = None  # rough terrain: robots per tile, counted by stat_tensors()
         if self.terrain is not None:
             t = self.terrain
-            self.height_map = ec.HeightMap(t, device)
+            self.slots = ec.TerrainSlots(s, t) if isinstance(s, ec.BatchedSim) else None
+            self._tile_models: dict = {}  # MuJoCo C: (level, col) -> its compiled model
             self.scan = torch.tensor(
                 [(x, y) for x in HEIGHT_SCAN_X for y in HEIGHT_SCAN_Y], dtype=torch.float32, device=device
             )
             self.heights = z(len(self.scan))
+            self._scan_rays = z(len(self.scan), 3)  # the scan's ray directions: straight down
+            self._scan_rays[..., 2] = -1.0
             self.num_levels, self.type_names = t.num_levels, list(TERRAIN_TYPES)
             self.tile_origins = torch.tensor(t.tile_origins, dtype=torch.float32, device=device)
             self.col_type = torch.tensor([self.type_names.index(c) for c in t.column_types], device=device)
@@ -590,6 +602,7 @@ class Go1Env:
                 self.terrain_level.copy_(ids % t.num_levels)
                 self.terrain_col.copy_((ids // t.num_levels) * t.num_cols // per_level)
             self.env_origin.copy_(self.tile_origins[self.terrain_level, self.terrain_col])
+            self._place_tiles(torch.ones(num_envs, dtype=torch.bool, device=device))
             # Per (level, type) sums, reduced once per iteration: steps, lin_err, steady steps, steady lin_err,
             # episodes, falls, episodes that walked off their tile (the curriculum's promotions).
             self.tile_stats = torch.zeros(len(TILE_STATS), t.num_levels * len(self.type_names), device=device)
@@ -626,6 +639,8 @@ class Go1Env:
         for k in self.STATE:
             if k in state:
                 getattr(self, k).copy_(state[k])
+        if self.terrain is not None:  # each world's boxes follow from its tile
+            self._place_tiles(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
         self._refresh_base_state()
         return self._observe() + self.obs_noise if self.cfg.obs_noise else self._observe()
 
@@ -653,6 +668,7 @@ class Go1Env:
             self._randomize_model(mask, draws)  # s.reset() below refreshes the constants MuJoCo derives from it
         qpos = s.default_qpos.expand(n, -1).clone()
         if self.terrain is not None:  # on the tile's platform, the feet above it
+            self._place_tiles(mask)
             qpos[:, 0:3] += self.env_origin
             qpos[:, 2] += SPAWN_HEIGHT - s.default_qpos[2]
             qpos[:, 0:2] += self._rand(n, 2, lo=-SPAWN_SPREAD, hi=SPAWN_SPREAD)
@@ -672,6 +688,27 @@ class Go1Env:
         self._sample_commands(mask)
         self._refresh_base_state()
         return self._add_obs_noise(self._observe())
+
+    def _place_tiles(self, mask: torch.Tensor) -> None:
+        """The worlds in `mask` get the boxes of their environment's tile (terrain_level, terrain_col). Isaac Gym
+        needs nothing of the kind: its environments share one terrain mesh."""
+        if self.slots is not None:  # MuJoCo Warp: in place on the device
+            self.slots.place(mask, self.terrain_level, self.terrain_col)
+            return
+        for i in mask.nonzero()[:, 0].tolist():  # MuJoCo C: a compiled model per tile (a CPU simulator anyway)
+            tile = (int(self.terrain_level[i]), int(self.terrain_col[i]))
+            if self.sim.models[i] is not self._tile_models.get(tile):
+                if tile not in self._tile_models:
+                    self._tile_models[tile] = ec.place_tile(self.terrain_spec, self.terrain.tile(*tile))
+                self.sim.set_model(i, self._tile_models[tile])
+
+    def terrain_height(self, xy: torch.Tensor) -> torch.Tensor:
+        """The height (m) of each world's terrain under its points xy (N, P, 2) (world x, y, m), (N, P): rays cast
+        straight down from SCAN_RAY_TOP against the terrain's boxes (MuJoCo's ray casting: the height scan sees
+        exactly what the robot stands on; legged_gym reads its height samples)."""
+        origin = torch.cat([xy, torch.full_like(xy[..., :1], SCAN_RAY_TOP)], dim=-1)
+        dist = self.sim.rays(origin, self._scan_rays, ec.TERRAIN_GROUP)
+        return torch.where(dist >= 0, SCAN_RAY_TOP - dist, ec.TERRAIN_BOTTOM)
 
     def _draw_model(self) -> dict[str, torch.Tensor]:
         """One model per environment, drawn from DOMAIN_RAND: {key: (num_envs, ...) uniform draws}."""
@@ -761,7 +798,7 @@ class Go1Env:
         self.base_lin_vel.copy_(base_lin_vel)
         self.projected_gravity.copy_(projected_gravity)
         if self.terrain is not None:
-            self.heights.copy_(measured_heights(self.root_pos, self.root_quat, self.scan, self.height_map))
+            self.heights.copy_(measured_heights(self.root_pos, self.root_quat, self.scan, self.terrain_height))
 
     def _update_terrain_curriculum(self, mask: torch.Tensor) -> None:
         """legged_gym's terrain curriculum, for the environments in `mask` whose episode ended. The distance is the
@@ -1291,13 +1328,6 @@ BYTES_PER_ENV_STEP = 12 * 1024
 def main(args: Args) -> None:
     check_args(args)
     dist = ec.distributed()  # one process of a torchrun launch (its RANK, WORLD_SIZE, LOCAL_RANK), or the only one
-    if args.terrain == "rough" and dist.is_main and not args.export:
-        print(
-            "note: --terrain rough is experimental: MuJoCo Warp 4.0's heightfield contacts are unreliable (some come "
-            "out metres deep with sideways normals, where MuJoCo's C engine finds none: mujoco_warp issues #831 and "
-            "#1083), so robots get kicked and training can diverge; README: Rough terrain",
-            flush=True,
-        )
     device = dist.choose_device(args.device)
     if device.type == "cpu" and not (args.eval or args.export) and None in (args.num_envs, args.num_iterations):
         print(
@@ -1962,7 +1992,7 @@ def play_in_viewer(agent, normalizer, device, args: Args) -> None:
         obs_noise=False,
     )
     ranges = (cfg.lin_vel_x_range, cfg.lin_vel_y_range, cfg.ang_vel_yaw_range)
-    env = Go1Env(1, device, cfg, sim=ec.CEngineSim)
+    env = Go1Env(1, device, cfg, sim=ec.CEngineSim, curriculum=False)  # rough terrain: one tile, its model
     obs, keyboard = env.reset(), []  # keyboard: the command set by keys, once one was pressed
 
     def on_key(key: int) -> None:  # called by the viewer's thread
@@ -1973,7 +2003,7 @@ def play_in_viewer(agent, normalizer, device, args: Args) -> None:
             keyboard[i] = min(max(keyboard[i] + sign * VIEWER_KEY_STEP, ranges[i][0]), ranges[i][1])
 
     steps = 0
-    with ec.viewer_window(env.sim.mjm, env.sim.datas[0], on_key) as viewer:
+    with ec.viewer_window(env.sim.models[0], env.sim.datas[0], on_key) as viewer:
         with viewer.lock():
             viewer.cam.type, viewer.cam.trackbodyid = ec.mujoco.mjtCamera.mjCAMERA_TRACKING, env.trunk
             viewer.cam.distance, viewer.cam.elevation = 1.5, -20.0
