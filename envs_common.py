@@ -954,8 +954,6 @@ class BatchedSim:
                 "qfrc_applied",
                 "xfrc_applied",
                 "overflow",
-                "geom_xpos",  # static geoms' poses are set once and kept: per-world terrain (TerrainSlots)
-                "geom_xmat",
             )
             if getattr(d, name).size > 0
         }
@@ -1091,14 +1089,15 @@ class BatchedSim:
     def get_state(self) -> dict[str, torch.Tensor]:
         """A copy of everything the next step depends on (positions, velocities, controls, actuator states, the
         solver's warm start, time, mocap poses, applied forces, the per-world model fields as "model.<name>"):
-        set_state() of it continues bit for bit."""
+        set_state() of it continues bit for bit. Not the poses of static geoms (geom_xpos/geom_xmat of world-body
+        geoms): whoever placed them (TerrainSlots) places them again."""
         return {name: t.clone() for name, t in self._state.items()}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a get_state(). Per-world model fields that `state` lacks (saved by a simulation without them) keep
         their present values. Raises UserError when a saved tensor's shape differs from this simulation's."""
         for name, t in self._state.items():
-            if name.startswith(("model.", "geom_x")) and name not in state:  # saved without them: keep these
+            if name.startswith("model.") and name not in state:
                 continue
             if state[name].shape != t.shape:
                 raise UserError(
@@ -1126,6 +1125,9 @@ class BatchedSim:
             buf["normal"], buf["exclude"] = z(n, p, 3), torch.full((p,), -1, dtype=torch.int32, device=self.device)
             mask = [0] * 6
             mask[group] = 1
+            # One thread per ray: MuJoCo Warp spreads each ray over 64 threads by default, which suits models of
+            # many geoms, not many rays against a few boxes (README: Rough terrain measures both).
+            self.m.block_dim.ray = 1
             buf["wp"] = {
                 "pnt": wp.from_torch(buf["pnt"], dtype=wp.vec3),
                 "vec": wp.from_torch(buf["vec"], dtype=wp.vec3),

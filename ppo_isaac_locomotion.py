@@ -586,8 +586,7 @@ class Go1Env:
                 [(x, y) for x in HEIGHT_SCAN_X for y in HEIGHT_SCAN_Y], dtype=torch.float32, device=device
             )
             self.heights = z(len(self.scan))
-            self._scan_rays = z(len(self.scan), 3)  # the scan's ray directions: straight down
-            self._scan_rays[..., 2] = -1.0
+            self._down = torch.tensor([0.0, 0.0, -1.0], device=device)  # the scan's rays point straight down
             self.num_levels, self.type_names = t.num_levels, list(TERRAIN_TYPES)
             self.tile_origins = torch.tensor(t.tile_origins, dtype=torch.float32, device=device)
             self.col_type = torch.tensor([self.type_names.index(c) for c in t.column_types], device=device)
@@ -707,7 +706,7 @@ class Go1Env:
         straight down from SCAN_RAY_TOP against the terrain's boxes (MuJoCo's ray casting: the height scan sees
         exactly what the robot stands on; legged_gym reads its height samples)."""
         origin = torch.cat([xy, torch.full_like(xy[..., :1], SCAN_RAY_TOP)], dim=-1)
-        dist = self.sim.rays(origin, self._scan_rays, ec.TERRAIN_GROUP)
+        dist = self.sim.rays(origin, self._down.expand_as(origin), ec.TERRAIN_GROUP)
         return torch.where(dist >= 0, SCAN_RAY_TOP - dist, ec.TERRAIN_BOTTOM)
 
     def _draw_model(self) -> dict[str, torch.Tensor]:
