@@ -664,6 +664,51 @@ def place_tile(spec: mujoco.MjSpec, boxes: Boxes) -> mujoco.MjModel:
     return spec.compile()
 
 
+def _box_rays(xy, ids, geom_xpos, geom_xmat, geom_size, top, miss, height):
+    """TerrainSlots.heights' Warp kernel (see _box_rays_kernel): one thread per (world, ray)."""
+    world, ray = warp.tid()
+    origin = warp.vec3(xy[world, ray][0], xy[world, ray][1], top)
+    best = float(miss)
+    for k in range(ids.shape[0]):
+        g = ids[k]
+        rot = geom_xmat[world, g]
+        half = geom_size[world % geom_size.shape[0], g]
+        local = warp.transpose(rot) @ (origin - geom_xpos[world, g])  # the ray in the box's frame
+        down = warp.vec3(-rot[2, 0], -rot[2, 1], -rot[2, 2])
+        near, far = float(-1.0e30), float(1.0e30)  # noqa: UP018 - Warp: float() makes them mutable
+        for i in range(3):  # slab test; a ray parallel to a slab divides by +-1e-12 instead: inside it, the two
+            d = down[i]  # distances are huge and of opposite signs (no bound), outside of the same sign (a miss)
+            d = warp.where(warp.abs(d) < 1.0e-12, warp.where(d < 0.0, -1.0e-12, 1.0e-12), d)
+            t1 = (-half[i] - local[i]) / d
+            t2 = (half[i] - local[i]) / d
+            near = warp.max(near, warp.min(t1, t2))
+            far = warp.min(far, warp.max(t1, t2))
+        if near <= far and far >= 0.0:
+            best = warp.max(best, top - warp.max(near, 0.0))
+    height[world, ray] = best
+
+
+@functools.cache
+def _box_rays_kernel():
+    """_box_rays as a Warp kernel, made on first use (warp is imported lazily); its argument types given as objects
+    (this module's annotations are strings). Warp's code generator resolves the kernel's names in this module's
+    globals, where `wp` is a lazy proxy that it misreads (the kernel came out wrong): the kernel names the module
+    itself, `warp`, bound here."""
+    global warp
+    warp = importlib.import_module("warp")
+    _box_rays.__annotations__ = {
+        "xy": wp.array2d(dtype=wp.vec2),
+        "ids": wp.array(dtype=wp.int32),
+        "geom_xpos": wp.array2d(dtype=wp.vec3),
+        "geom_xmat": wp.array2d(dtype=wp.mat33),
+        "geom_size": wp.array2d(dtype=wp.vec3),
+        "top": float,
+        "miss": float,
+        "height": wp.array2d(dtype=float),
+    }
+    return wp.kernel(_box_rays, module="unique")
+
+
 class TerrainSlots:
     """Places each world's tile in its terrain slots, on the device (BatchedSim): the slots' poses go into
     Data.geom_xpos / geom_xmat (MuJoCo Warp computes a static geom's pose once, in make_data, and never again) and
@@ -686,6 +731,41 @@ class TerrainSlots:
         self.pos, self.rot, self.half = table(tiles.pos), table(tiles.rot), table(tiles.half)
         self.aabb = torch.stack([torch.zeros_like(self.half), self.half], dim=2)  # (centre offset, half sizes)
         self.rbound = self.half.norm(dim=-1)
+        self._scan = None
+        self._cast = torch.compiler.disable(self._cast)  # a Warp launch: torch.compile calls it as it is
+
+    def heights(self, xy: torch.Tensor, top: float) -> torch.Tensor:
+        """The height (m) of each world's terrain under its points xy (N, P, 2) (world x, y, m), (N, P) float32: a
+        ray cast straight down from height `top` against the world's terrain boxes, the first hit; TERRAIN_BOTTOM -
+        1 where it hits none. What BatchedSim.rays (MuJoCo Warp's rays, mj_ray's algorithm) gives for these rays,
+        about ten times faster (README: Rough terrain): one thread per ray and a slab test against the K boxes only,
+        where MuJoCo Warp's spreads each ray over 64 threads and every geom. Returns a buffer that the next call
+        overwrites. In place, no host sync: may run inside a recorded step."""
+        n, p = xy.shape[:2]
+        if self._scan is None or self._scan["xy"].shape != xy.shape:  # allocated once, before graphs record it
+            buf = {"xy": torch.zeros(n, p, 2, device=xy.device), "out": torch.zeros(n, p, device=xy.device)}
+            buf["ids"] = self.ids.to(torch.int32)  # kept: Warp's view of it must not outlive it
+            buf["wp"] = [
+                wp.from_torch(buf["xy"], dtype=wp.vec2),
+                wp.from_torch(buf["ids"]),
+                wp.from_torch(self.sim.geom_xpos, dtype=wp.vec3),
+                wp.from_torch(self.sim.geom_xmat, dtype=wp.mat33),
+                wp.from_torch(self.sim.model["geom_size"], dtype=wp.vec3),
+            ]
+            buf["out_wp"] = wp.from_torch(buf["out"])
+            self._scan = buf
+        self._scan["xy"].copy_(xy)
+        self._cast(n, p, float(top))
+        return self._scan["out"]
+
+    def _cast(self, n: int, p: int, top: float) -> None:
+        with wp.ScopedDevice(self.sim.wp_device):
+            wp.launch(
+                _box_rays_kernel(),
+                dim=(n, p),
+                inputs=[*self._scan["wp"], top, TERRAIN_BOTTOM - 1.0],
+                outputs=[self._scan["out_wp"]],
+            )
 
     def place(self, mask: torch.Tensor, level: torch.Tensor, col: torch.Tensor) -> None:
         s, tile, ids = self.sim, level * self.num_cols + col, self.ids
@@ -1125,9 +1205,6 @@ class BatchedSim:
             buf["normal"], buf["exclude"] = z(n, p, 3), torch.full((p,), -1, dtype=torch.int32, device=self.device)
             mask = [0] * 6
             mask[group] = 1
-            # One thread per ray: MuJoCo Warp spreads each ray over 64 threads by default, which suits models of
-            # many geoms, not many rays against a few boxes (README: Rough terrain measures both).
-            self.m.block_dim.ray = 1
             buf["wp"] = {
                 "pnt": wp.from_torch(buf["pnt"], dtype=wp.vec3),
                 "vec": wp.from_torch(buf["vec"], dtype=wp.vec3),

@@ -705,9 +705,11 @@ class Go1Env:
         """The height (m) of each world's terrain under its points xy (N, P, 2) (world x, y, m), (N, P): rays cast
         straight down from SCAN_RAY_TOP against the terrain's boxes (MuJoCo's ray casting: the height scan sees
         exactly what the robot stands on; legged_gym reads its height samples)."""
+        if self.slots is not None:  # MuJoCo Warp: against the world's own boxes, a Warp kernel
+            return self.slots.heights(xy, SCAN_RAY_TOP)
         origin = torch.cat([xy, torch.full_like(xy[..., :1], SCAN_RAY_TOP)], dim=-1)
-        dist = self.sim.rays(origin, self._down.expand_as(origin), ec.TERRAIN_GROUP)
-        return torch.where(dist >= 0, SCAN_RAY_TOP - dist, ec.TERRAIN_BOTTOM)
+        dist = self.sim.rays(origin, self._down.expand_as(origin), ec.TERRAIN_GROUP)  # MuJoCo C: mj_ray
+        return torch.where(dist >= 0, SCAN_RAY_TOP - dist, ec.TERRAIN_BOTTOM - 1.0)
 
     def _draw_model(self) -> dict[str, torch.Tensor]:
         """One model per environment, drawn from DOMAIN_RAND: {key: (num_envs, ...) uniform draws}."""
