@@ -1394,6 +1394,8 @@ class Renderer:
                 f"no OpenGL rendering backend works here ({setting}: {str(e).splitlines()[0]}). To render, {fix}"
             ) from None
         self._data = mujoco.MjData(sim.mjm)
+        self._option = mujoco.MjvOption()
+        self._option.geomgroup[TERRAIN_GROUP] = 1  # the terrain's boxes: MuJoCo shows groups 0-2 only by default
 
     @staticmethod
     def check_available() -> None:
@@ -1413,7 +1415,7 @@ class Renderer:
             self._data.geom_xmat[:] = s.geom_xmat[env_id].reshape(-1, 9).cpu().numpy()
             if "geom_size" in s.model:
                 self._model.geom_size[:] = s.model["geom_size"][env_id].cpu().numpy()
-        self._renderer.update_scene(self._data, camera=self.camera)
+        self._renderer.update_scene(self._data, camera=self.camera, scene_option=self._option)
         return self._renderer.render()
 
     def close(self):
@@ -2708,6 +2710,8 @@ def viewer_window(mjm: mujoco.MjModel, data: mujoco.MjData, key_callback=None):
     except RuntimeError as e:  # macOS: the passive viewer needs the mjpython launcher
         raise UserError(f"--viewer: {e}") from None
     threads = [t for t in threading.enumerate() if t not in before]
+    with handle.lock():
+        handle.opt.geomgroup[TERRAIN_GROUP] = 1  # MuJoCo shows groups 0-2 only by default
     try:
         yield handle
     finally:

@@ -854,7 +854,7 @@ class Go1Env:
         # A world that blew up (NaN or infinity) or overflowed its contact buffers is reset below; its last step
         # counts for nothing: reward 0, no bootstrap, no statistics.
         nonfinite, overflowed = self.sim.nonfinite(), self.sim.overflowed()
-        if self.terrain is not None:  # kicked by a heightfield contact (BLOWN_UP_SPEED)
+        if self.terrain is not None:  # a blown-up world (BLOWN_UP_SPEED)
             nonfinite = nonfinite | (self.sim.qvel.abs() > BLOWN_UP_SPEED).any(dim=1)
         self.broken.copy_(nonfinite | overflowed)
 

@@ -453,7 +453,7 @@ def main():
         "--terrain",
         choices=("flat", "rough"),
         default=None,
-        help="locomotion: the script's --terrain (rough: the heightfield, height scan and curriculum)",
+        help="locomotion: the script's --terrain (rough: the box tiles, height scan and curriculum)",
     )
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     opts = parser.parse_args()
