@@ -423,8 +423,9 @@ def pit_bumps(
     for _ in range(int(count)):
         wx, wy = rng.uniform(*size, size=2) / 2
         rise = rng.uniform(*height)
-        x = rng.uniform(p + wx, a - wx)  # the footprint stays between the platform and the edge
-        room = x - wx - wy  # and inside its side's triangle (|y| <= x), clear of the neighbouring sides
+        inward = rise * abs(rot[0, 2])  # the top, `rise` out along the side's tilted normal, leans this far inward
+        x = rng.uniform(p + wx + inward, a - wx)  # the footprint stays between the platform and the edge
+        room = x - wx - wy - inward  # and inside its side's triangle (|y| <= x), clear of the neighbouring sides
         y = rng.uniform(-room, room) if room > 0 else 0.0
         surface = np.array([x, y, slope * (x - a)])  # on the side (the pit's rim, x = a, is at 0)
         thickness = rise + 0.1  # the block reaches 0.1 m into the side
