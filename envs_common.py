@@ -673,7 +673,9 @@ def _box_rays(xy, ids, geom_xpos, geom_xmat, geom_size, top, miss, height):
     for k in range(ids.shape[0]):
         g = ids[k]
         rot = geom_xmat[world, g]
-        half = geom_size[world % geom_size.shape[0], g]
+        # Sides 0.1 mm out (tops as they are): a ray on the seam of two abutting boxes (a pit's rings) must not pass
+        # between them, both finding it a float32 rounding outside, and report no terrain (mj_ray in float64 hits).
+        half = geom_size[world % geom_size.shape[0], g] + warp.vec3(1.0e-4, 1.0e-4, 0.0)
         local = warp.transpose(rot) @ (origin - geom_xpos[world, g])  # the ray in the box's frame
         down = warp.vec3(-rot[2, 0], -rot[2, 1], -rot[2, 2])
         near, far = float(-1.0e30), float(1.0e30)  # noqa: UP018 - Warp: float() makes them mutable
@@ -740,8 +742,9 @@ class TerrainSlots:
         ray cast straight down from height `top` against the world's terrain boxes, the first hit; TERRAIN_BOTTOM -
         1 where it hits none. What BatchedSim.rays (MuJoCo Warp's rays, mj_ray's algorithm) gives for these rays,
         about ten times faster (README: Rough terrain): one thread per ray and a slab test against the K boxes only,
-        where MuJoCo Warp's spreads each ray over 64 threads and every geom. Returns a buffer that the next call
-        overwrites. In place, no host sync: may run inside a recorded step."""
+        where MuJoCo Warp's spreads each ray over 64 threads and every geom; and where two boxes abut (within 0.1 mm
+        of the seam), what mj_ray gives, where MuJoCo Warp's float32 rays may pass between them and miss. Returns a
+        buffer that the next call overwrites. In place, no host sync: may run inside a recorded step."""
         n, p = xy.shape[:2]
         if self._scan is None or self._scan["xy"].shape != xy.shape:  # allocated once, before graphs record it
             buf = {"xy": torch.zeros(n, p, 2, device=xy.device), "out": torch.zeros(n, p, device=xy.device)}
