@@ -1792,9 +1792,12 @@ def print_terrain_summary(metrics: dict[str, float], suffix: str, top_levels: in
             return f"no robot was here (fewer robots than the {len(levels)} x {TERRAIN_COLUMNS} tiles)"
         falls = mean("fall_rate", "episodes")
         low, high = ec.wilson_interval(falls * episodes if episodes else 0.0, episodes)
+        steady = mean("lin_vel_error_steady", "steady_steps")  # NaN when no step here counted as steady
+        steady = (
+            f"{steady:.3f}" if not math.isnan(steady) else f"none: no robot got {STEADY_AFTER_S:g} s into a command"
+        )
         return (
-            f"v err {mean('lin_vel_error', 'steps'):.3f} m/s "
-            f"(steady {mean('lin_vel_error_steady', 'steady_steps'):.3f})"
+            f"v err {mean('lin_vel_error', 'steps'):.3f} m/s (steady {steady})"
             f" | falls {falls:.3f} (95% CI {low:.3f}-{high:.3f}, {int(episodes)} episodes) | walked off the tile "
             f"{mean('walked_off', 'episodes'):.2f}"
         )
