@@ -1,7 +1,8 @@
-"""--terrain rough in ppo_isaac_locomotion.py: the height scan against MuJoCo's C ray casting, the curriculum's rule
-on hand-made distances, where robots spawn, and the script end to end (training and --eval) as a user runs it.
+"""--terrain rough in ppo_isaac_locomotion.py: the height scan against MuJoCo's C ray casting, MuJoCo Warp's physics
+on terrain boxes against MuJoCo's C engine, the curriculum's rule on hand-made distances, where robots spawn, and the
+script end to end (training and --eval) as a user runs it.
 
-The terrain generator, the heightfield model and HeightMap themselves are tested in test_terrain.py."""
+The tile functions, TerrainSlots and the rays themselves are tested in test_terrain.py."""
 
 import json
 import math
@@ -18,9 +19,9 @@ from tiny import TINY
 LEVELS = 3
 
 
-def rough_env(num_envs: int, curriculum: bool = True, **overrides):
+def rough_env(num_envs: int, curriculum: bool = True, sim=None, **overrides):
     args = loco.Args(terrain="rough", terrain_levels=LEVELS, domain_rand=False, obs_noise=False, **overrides)
-    return loco.Go1Env(num_envs, torch.device("cpu"), loco.Go1Config.from_args(args), curriculum=curriculum)
+    return loco.Go1Env(num_envs, torch.device("cpu"), loco.Go1Config.from_args(args), sim=sim, curriculum=curriculum)
 
 
 def test_observation_grows_by_the_height_scan():
@@ -29,42 +30,141 @@ def test_observation_grows_by_the_height_scan():
     assert (flat, rough) == (48, 48 + 17 * 11)
 
 
-def test_measured_heights_agree_with_mujoco_ray_casting():
-    """measured_heights() at random trunk positions, heights and yaws, a quarter of them right on tile seams (where
-    neighbouring tiles' heights meet) and at the map's edge, against mujoco.mj_ray cast straight down on the model
-    that MuJoCo Warp steps (the robot moved out of the way)."""
-    terrain = loco.build_terrain(LEVELS, 1)
-    mjm = ec.add_terrain(loco.ASSET, terrain)
-    data = mujoco.MjData(mjm)
-    data.qpos[0:3] = (-1000.0, -1000.0, -50.0)  # the robot's own geoms must not catch the rays
-    mujoco.mj_forward(mjm, data)
-    rng = np.random.default_rng(0)
-    n = 48
-    x = rng.uniform(0, LEVELS * loco.TILE_SIZE, n)
-    y = rng.uniform(0, loco.TERRAIN_COLUMNS * loco.TILE_SIZE, n)
-    x[: n // 4] = loco.TILE_SIZE * rng.integers(0, LEVELS + 1, n // 4)  # on seams between levels
-    y[n // 4 : n // 2] = loco.TILE_SIZE * rng.integers(0, loco.TERRAIN_COLUMNS + 1, n // 4)  # between types
-    x[-2:] = (-loco.TERRAIN_BORDER + 1, LEVELS * loco.TILE_SIZE + loco.TERRAIN_BORDER - 1)  # the scan reaches 0.95 m
-    z = rng.uniform(-1.5, 2.0, n)  # above and below the clip
-    yaw = rng.uniform(-math.pi, math.pi, n)
-    pos = torch.tensor(np.stack([x, y, z], 1), dtype=torch.float32)
-    quat = ec.quat_from_yaw(torch.tensor(yaw, dtype=torch.float32))
-    env_scan = torch.tensor([(a, b) for a in loco.HEIGHT_SCAN_X for b in loco.HEIGHT_SCAN_Y])
-    got = loco.measured_heights(pos, quat, env_scan, ec.HeightMap(terrain, "cpu"))
-    assert got.shape == (n, 17 * 11)
+TERRAIN_ONLY = np.eye(6, dtype=np.uint8)[ec.TERRAIN_GROUP]  # mj_ray's geom groups: the terrain's boxes, no robot
 
-    geom = np.zeros(1, np.int32)
-    expected = np.zeros((n, len(env_scan)))
-    top = float(terrain.heights.max()) + 1.0
+
+def test_measured_heights_agree_with_mujoco_ray_casting():
+    """measured_heights() with Go1Env.terrain_height, for worlds on tiles of every type and at every level, at random
+    trunk positions (a quarter of them right on a tile's border, some beyond it, over the ground), heights and yaws
+    (some exactly 0: scan points along the boxes' sides), against mujoco.mj_ray cast straight down on the tile's own
+    model (place_tile): MuJoCo Warp's worlds (TerrainSlots.heights) and MuJoCo C's (CEngineSim.rays). On a step's
+    edge (the surface 0.2 mm around the point spans more than 1 mm), either step's height is right."""
+    envs = {"warp": rough_env(4), "c": rough_env(4, sim=ec.CEngineSim)}
+    terrain, spec = envs["warp"].terrain, envs["warp"].terrain_spec
+    columns = terrain.column_types
+    rng = np.random.default_rng(0)
+    env_scan = envs["warp"].scan
+    half = loco.TILE_SIZE / 2
+    checked, on_edges, relief = 0, 0, 0.0
+    for round_types in (
+        ("smooth_slope", "rough_slope", "stairs_up", "stairs_down"),
+        ("obstacles", "stairs_up", "rough_slope", "stairs_down"),
+        ("stairs_up", "obstacles", "smooth_slope", "stairs_down"),
+    ):
+        level = torch.tensor(rng.integers(0, LEVELS, 4))
+        col = torch.tensor([rng.choice([c for c, k in enumerate(columns) if k == t]) for t in round_types])
+        for env in envs.values():
+            env.terrain_level.copy_(level)
+            env.terrain_col.copy_(col)
+            env.reset()  # each world gets its tile (MuJoCo C: its model, whose poses the reset computes)
+        centre = terrain.tile_origins[level.numpy(), col.numpy()].astype(float)
+        xy = centre[:, :2] + rng.uniform(-half - 1.0, half + 1.0, (4, 2))
+        xy[0, 0] = centre[0, 0] + half  # on the tile's border (x), ...
+        xy[1, 1] = centre[1, 1] - half  # ... (y)
+        xy[2] = centre[2, :2] + [half + 0.5, -half - 0.3]  # beyond its corner: on the ground and the tile's edge
+        z = centre[:, 2] + rng.uniform(-1.5, 2.0, 4)  # above and below the clip
+        yaw = rng.uniform(-math.pi, math.pi, 4)
+        yaw[:2] = 0.0
+        pos = torch.tensor(np.c_[xy, z], dtype=torch.float32)
+        quat = ec.quat_from_yaw(torch.tensor(yaw, dtype=torch.float32))
+        seen = []
+
+        def recorded(points, env=envs["warp"], seen=seen):  # the very points (float32) the scan asks about
+            seen.append(points.clone())
+            return env.terrain_height(points)
+
+        got = {"warp": loco.measured_heights(pos, quat, env_scan, recorded).clone()}
+        got["c"] = loco.measured_heights(pos, quat, env_scan, envs["c"].terrain_height)
+        points = seen[0].double().numpy()
+        assert got["warp"].shape == (4, 17 * 11)
+        for i in range(4):
+            boxes = terrain.tile(int(level[i]), int(col[i]))
+            m = ec.place_tile(spec, boxes)
+            d = mujoco.MjData(m)
+            mujoco.mj_kinematics(m, d)
+            top, geomid = loco.SCAN_RAY_TOP, np.zeros(1, np.int32)
+            dist = np.array(
+                [mujoco.mj_ray(m, d, [x, y, top], [0.0, 0.0, -1.0], TERRAIN_ONLY, 1, -1, geomid) for x, y in points[i]]
+            )
+            assert (dist >= 0).all(), "the scan is over the tile or its ground"
+            expected = np.clip(z[i] - (top - dist), -loco.HEIGHT_SCAN_CLIP, loco.HEIGHT_SCAN_CLIP)
+            near = np.stack(
+                [
+                    ec.surface_height(boxes, points[i] + o)
+                    for o in 2e-4 * np.array([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]])
+                ]
+            )
+            clip = np.clip(z[i] - near, -loco.HEIGHT_SCAN_CLIP, loco.HEIGHT_SCAN_CLIP)
+            edge = near.max(axis=0) - near.min(axis=0) > 1e-3
+            for name, heights in got.items():
+                h = heights[i].double().numpy()
+                assert np.abs(h - expected)[~edge].max() < 2e-4, f"{name}, world {i} on {columns[int(col[i])]}"
+                assert ((h >= clip.min(axis=0) - 2e-4) & (h <= clip.max(axis=0) + 2e-4)).all(), (name, i)
+            checked, on_edges = checked + len(points[i]), on_edges + int(edge.sum())
+            relief = max(relief, np.abs(np.diff(expected)).max())
+    print(f"{checked} scan points against mj_ray, {on_edges} of them on a step's edge")
+    assert relief > 0.05, "the scans should see steps and slopes"
+
+
+# MuJoCo Warp against MuJoCo's C engine on terrain boxes. Stated tolerance: a Go1 dropped 2 cm onto the side of a pit
+# (slope 0.3) and across a stair's edge (0.1 m steps), joints held at the home pose (it slides down the pit and
+# tips onto its back; it steps down the stairs), each world on its own tile through TerrainSlots, against mj_step on
+# that tile's model (place_tile): at every one of 300 physics steps (1.5 s), every generalized position within
+# QPOS_TOL (m or rad) of mj_step's, and within FINAL_TOL after the last; or within CHAOS_FACTOR times mj_step's own
+# spread from a 1e-6 rad perturbation where that is larger (a tipping robot). Measured on the CPU (mujoco-warp 4.0.0):
+# at most 2.8e-3 (pit) and 6.5e-3 (stairs) along the way (contact onsets a step apart, float32 against float64),
+# 5.0e-4 and 6.5e-4 after 300 steps; mj_step's spread stays near 2e-6. The flat floor's tolerance (test_envs_common)
+# is 1e-2; on a heightfield this test needed 2e-2 (1.5e-2 midway, 2.8e-3 and 3.8e-3 at the end).
+QPOS_TOL, FINAL_TOL, PERTURBATION, CHAOS_FACTOR = 1e-2, 2e-3, 1e-6, 2.0
+HOME_HEIGHT = 0.331  # go1.xml's home trunk height over flat ground (m)
+
+
+def _drop_tile(name, difficulty, tile, ground, rng):
+    if name == "pit":
+        return ec.pit_boxes(tile, 0.3, 1.0, ground)
+    return ec.stairs_boxes(tile, 0.31, 0.1, 1.0, ground)
+
+
+def test_batched_sim_on_boxes_matches_mujoco_c():
+    tiles = ec.generate_tiles(_drop_tile, ("pit", "stairs"), 1, tile_size=4.0, ground=1.0)
+    spec = ec.terrain_spec(loco.ASSET, tiles.num_slots)
+    mjm = spec.compile()
+    n, steps = 2, 300
+    ncon, njmax = ec.contact_capacity(mjm, static_touch=loco.CONTACT_BOXES)
+    sim = ec.BatchedSim(mjm, n, "cpu", nconmax=ncon, njmax=njmax, per_world=ec.TerrainSlots.PER_WORLD, poses=False)
+    ec.TerrainSlots(sim, tiles).place(
+        torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.arange(n)
+    )
+    qpos = sim.default_qpos.expand(n, -1).clone()
+    models = [ec.place_tile(spec, tiles.tile(0, k)) for k in range(n)]
+    for k, dx in enumerate((-0.9, -0.75)):  # off the platform: on the pit's side, and across a step's edge
+        x, y = tiles.tile_origins[0, k, 0] + dx, tiles.tile_origins[0, k, 1] + 0.1
+        under = [[x + a, y + b] for a in (-0.25, 0.0, 0.25) for b in (-0.15, 0.0, 0.15)]  # the trunk's footprint
+        qpos[k, :3] = torch.tensor([x, y, ec.surface_height(tiles.tile(0, k), under).max() + HOME_HEIGHT + 0.02])
+    sim.reset(torch.ones(n, dtype=torch.bool), qpos, ctrl=sim.default_ctrl.expand(n, -1))
+    refs, perturbed = [], []
     for i in range(n):
-        c, s = math.cos(yaw[i]), math.sin(yaw[i])
-        for k, (a, b) in enumerate(env_scan.tolist()):
-            px, py = x[i] + c * a - s * b, y[i] + s * a + c * b
-            dist = mujoco.mj_ray(mjm, data, np.array([px, py, top]), np.array([0.0, 0.0, -1.0]), None, 1, -1, geom)
-            assert dist >= 0 and mjm.geom(geom[0]).name == "floor"
-            expected[i, k] = np.clip(z[i] - (top - dist), -loco.HEIGHT_SCAN_CLIP, loco.HEIGHT_SCAN_CLIP)
-    np.testing.assert_allclose(got.numpy(), expected, atol=2e-4)
-    assert (expected != 0).any() and np.abs(np.diff(expected, axis=1)).max() > 0.05  # the scan saw relief
+        for datas, shift in ((refs, 0.0), (perturbed, PERTURBATION)):
+            data = mujoco.MjData(models[i])
+            data.qpos[:] = sim.qpos[i].double().numpy()
+            data.qpos[7:] += shift
+            data.ctrl[:] = sim.ctrl[i].double().numpy()
+            datas.append(data)
+    worst, contacts = np.zeros(n), 0
+    for step in range(steps):
+        sim.step()
+        for i in range(n):
+            mujoco.mj_step(models[i], refs[i])
+            mujoco.mj_step(models[i], perturbed[i])
+        err = np.abs(sim.qpos.double().numpy() - np.stack([d.qpos for d in refs])).max(axis=1)
+        spread = np.abs(np.stack([d.qpos for d in perturbed]) - np.stack([d.qpos for d in refs])).max(axis=1)
+        tol = np.maximum(QPOS_TOL if step < steps - 1 else FINAL_TOL, CHAOS_FACTOR * spread)
+        assert (err < tol).all(), f"step {step + 1}: |qpos - mj_step qpos| = {err} (tolerance {tol})"
+        worst, contacts = np.maximum(worst, err), max(contacts, min(d.ncon for d in refs))
+    print(f"max |qpos error| over {steps} steps: {worst}, after the last: {err} (mj_step's own spread {spread})")
+    for i, data in enumerate(refs):
+        assert np.abs(data.qpos[:2] - qpos[i, :2].numpy()).max() > 0.05, "the robot should move on the terrain"
+    assert contacts > 0 and not sim.overflowed().any()
 
 
 def test_curriculum_moves_robots_by_how_far_they_walked():
@@ -115,9 +215,13 @@ def test_robots_spawn_on_their_tiles_platform_above_the_surface():
     pos, origin = env.root_pos, env.env_origin
     assert (pos[:, :2] - origin[:, :2]).abs().max() <= loco.SPAWN_SPREAD + 1e-5
     torch.testing.assert_close(pos[:, 2] - origin[:, 2], torch.full((40,), loco.SPAWN_HEIGHT), atol=1e-5, rtol=0)
-    # The terrain under the robot's whole footprint is the platform, at the tile origin's height.
+    # The terrain under the robot's whole footprint is the platform, at the tile origin's height (the scan's rays and
+    # the exact NumPy lookup on the tile's boxes).
     corners = pos[:, None, :2] + torch.tensor([[0.3, 0.2], [0.3, -0.2], [-0.3, 0.2], [-0.3, -0.2]])
-    torch.testing.assert_close(env.height_map(corners), origin[:, None, 2].expand(-1, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(env.terrain_height(corners), origin[:, None, 2].expand(-1, 4), atol=1e-5, rtol=0)
+    tiles = [env.terrain.tile(int(level), int(col)) for level, col in zip(env.terrain_level, env.terrain_col)]
+    for boxes, xy, z in zip(tiles, corners.double().numpy(), origin[:, 2].tolist()):
+        np.testing.assert_allclose(ec.surface_height(boxes, xy), z, atol=1e-6)
     # Every foot above the surface under it.
     mjm = env.sim.mjm
     data = mujoco.MjData(mjm)
@@ -125,8 +229,7 @@ def test_robots_spawn_on_their_tiles_platform_above_the_surface():
     for i in range(40):
         data.qpos[:] = env.sim.qpos[i].numpy()
         mujoco.mj_kinematics(mjm, data)
-        xy = torch.tensor(data.xpos[feet, :2], dtype=torch.float32)
-        assert (torch.tensor(data.xpos[feet, 2]) - 0.02 >= env.height_map(xy).double() - 1e-6).all()
+        assert (data.xpos[feet, 2] - 0.02 >= ec.surface_height(tiles[i], data.xpos[feet, :2]) - 1e-6).all(), i
     # The curriculum's start: levels 0 to MAX_INIT_LEVEL (here the top), the columns shared out evenly.
     assert env.terrain_level.min() >= 0 and env.terrain_level.max() <= min(loco.MAX_INIT_LEVEL, LEVELS - 1)
     assert torch.bincount(env.terrain_col, minlength=loco.TERRAIN_COLUMNS).tolist() == [2] * loco.TERRAIN_COLUMNS
@@ -204,27 +307,25 @@ def test_a_resume_on_another_terrain_is_refused(rough_run):
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MuJoCo Warp 4.0's heightfield collisions make contacts metres deep with sideways normals where MuJoCo's C "
-    "engine finds none (mujoco_warp #831, #1083; README: Rough terrain). When this passes, the fix has landed: drop "
-    "the xfail and the start-up note of --terrain rough.",
-)
-def test_mujoco_warp_heightfield_contacts_kick_no_harder_than_mujoco_c():
-    """The same 64 Go1s dropped on the rough terrain (every type, levels 0 to 9) and driven by the same random joint
-    targets for 20 policy steps (no resets), in MuJoCo Warp and in MuJoCo's C engine: the fastest joint or trunk
-    velocity stays within twice MuJoCo C's (measured on the CPU, mujoco-warp 4.0.0: 108.6 against 35.5 rad/s)."""
+def test_mujoco_warp_on_the_terrain_kicks_no_harder_than_mujoco_c():
+    """What stopped the heightfield (README: Rough terrain): the same 16 Go1s spawned over the script's terrain
+    (every type, levels 0 to 9) and driven by the same random joint targets for 20 policy steps (no resets), in
+    MuJoCo Warp and in MuJoCo's C engine, each world on its own tile's boxes: the fastest joint or trunk velocity
+    within 10% of MuJoCo C's (measured on the CPU, mujoco-warp 4.0.0: 33.43303 against 33.43303 rad/s; on the
+    heightfield, 108.6 against 35.5)."""
     fastest = {}
     for name, sim in (("warp", None), ("c", ec.CEngineSim)):
         torch.manual_seed(0)
         args = loco.Args(terrain="rough", terrain_levels=10, domain_rand=False, obs_noise=False, push_interval_s=0)
-        env = loco.Go1Env(64, torch.device("cpu"), loco.Go1Config.from_args(args), sim=sim)
+        env = loco.Go1Env(16, torch.device("cpu"), loco.Go1Config.from_args(args), sim=sim)
         env.reset()
         generator = torch.Generator().manual_seed(1)
         top = 0.0
         for _ in range(20):
-            env.sim.ctrl.copy_(env.default_dof_pos + 0.25 * torch.randn(64, 12, generator=generator))
+            env.sim.ctrl.copy_(env.default_dof_pos + 0.25 * torch.randn(16, 12, generator=generator))
             env.sim.step()
             top = max(top, float(env.sim.qvel.abs().max()))
+        assert not env.sim.overflowed().any() and not env.sim.nonfinite().any()
         fastest[name] = top
-    assert fastest["warp"] <= 2 * fastest["c"], fastest
+    print(f"fastest joint or trunk velocity: {fastest}")
+    assert abs(fastest["warp"] - fastest["c"]) <= 0.1 * fastest["c"], fastest
