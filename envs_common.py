@@ -665,6 +665,9 @@ def place_tile(spec: mujoco.MjSpec, boxes: Boxes) -> mujoco.MjModel:
     return spec.compile()
 
 
+warp = None  # the warp module itself, bound by _box_rays_kernel() for the kernel's code
+
+
 def _box_rays(xy, ids, geom_xpos, geom_xmat, geom_size, top, miss, height):
     """TerrainSlots.heights' Warp kernel (see _box_rays_kernel): one thread per (world, ray)."""
     world, ray = warp.tid()
@@ -741,7 +744,7 @@ class TerrainSlots:
         """The height (m) of each world's terrain under its points xy (N, P, 2) (world x, y, m), (N, P) float32: a
         ray cast straight down from height `top` against the world's terrain boxes, the first hit; TERRAIN_BOTTOM -
         1 where it hits none. What BatchedSim.rays (MuJoCo Warp's rays, mj_ray's algorithm) gives for these rays,
-        about ten times faster (README: Rough terrain): one thread per ray and a slab test against the K boxes only,
+        26 times faster on an H200 (README: Rough terrain): one thread per ray and a slab test against the K boxes,
         where MuJoCo Warp's spreads each ray over 64 threads and every geom; and where two boxes abut (within 0.1 mm
         of the seam), what mj_ray gives, where MuJoCo Warp's float32 rays may pass between them and miss. Returns a
         buffer that the next call overwrites. In place, no host sync: may run inside a recorded step."""
