@@ -2717,8 +2717,9 @@ def viewer_window(mjm: mujoco.MjModel, data: mujoco.MjData, key_callback=None):
     except RuntimeError as e:  # macOS: the passive viewer needs the mjpython launcher
         raise UserError(f"--viewer: {e}") from None
     threads = [t for t in threading.enumerate() if t not in before]
-    with handle.lock():
-        handle.opt.geomgroup[TERRAIN_GROUP] = 1  # MuJoCo shows groups 0-2 only by default
+    if (mjm.geom_group == TERRAIN_GROUP).any():  # a terrain's boxes: MuJoCo shows groups 0-2 only by default
+        with handle.lock():
+            handle.opt.geomgroup[TERRAIN_GROUP] = 1
     try:
         yield handle
     finally:
