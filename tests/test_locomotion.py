@@ -362,7 +362,7 @@ def test_viewer_draws_the_policy_on_a_virtual_display(trained_run, tmp_path):
     try:
         display = ":" + server.stdout.readline().decode().strip()  # written once the server accepts clients
         blank = np.asarray(ImageGrab.grab(xdisplay=display))
-        env = {**os.environ, "DISPLAY": display, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "DISPLAY": display, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         args = ["--device", "cpu", "--eval", "--viewer", "--checkpoint", str(run_dir / "checkpoints" / "latest.pt")]
         viewer = subprocess.Popen(
             [sys.executable, str(SCRIPT), *args],
@@ -386,7 +386,13 @@ def test_viewer_draws_the_policy_on_a_virtual_display(trained_run, tmp_path):
         time.sleep(3.0)
         shot = np.asarray(ImageGrab.grab(xdisplay=display))
         viewer.send_signal(signal.SIGINT)
-        viewer.wait(60)
+        try:
+            viewer.wait(60)
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler prints every thread's stack on SIGABRT
+            viewer.send_signal(signal.SIGABRT)
+            viewer.wait(30)
+            reader.join(10)
+            pytest.fail("the viewer did not end within 60 s of Ctrl-C; its output and threads:\n" + "".join(lines))
         reader.join(10)
     finally:
         server.terminate()
