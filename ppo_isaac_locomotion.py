@@ -1996,9 +1996,6 @@ def play_in_viewer(agent, normalizer, device, args: Args) -> None:
         obs_noise=False,
     )
     ranges = (cfg.lin_vel_x_range, cfg.lin_vel_y_range, cfg.ang_vel_yaw_range)
-    # One robot's tensors: no intra-op threads. Torch's OpenMP pool beside the viewer's GL threads hung the player
-    # in a torch call under the viewer's lock, Ctrl-C unanswered (the viewer test, in 3 of 3 full runs of the suite).
-    torch.set_num_threads(1)
     env = Go1Env(1, device, cfg, sim=ec.CEngineSim, curriculum=False)  # rough terrain: one tile, its model
     obs, keyboard = env.reset(), []  # keyboard: the command set by keys, once one was pressed
 
