@@ -126,9 +126,12 @@ class Args:
     lin_vel_y_range: tuple[float, float] = (-1.0, 1.0)
     """range of lateral velocity commands (m/s)"""
     ang_vel_yaw_range: tuple[float, float] = (-1.0, 1.0)
-    """range of yaw rate commands (rad/s)"""
+    """range of yaw rate commands (rad/s); with heading commands, the limits of the yaw rate they ask for"""
+    heading_command: bool | None = None
+    """command a heading, the yaw rate command following the heading error (legged_gym's heading_command), instead
+    of a random yaw rate; default: on with --terrain rough, off on flat ground"""
     command_resample_s: float = 10.0
-    """seconds between two velocity commands of an environment"""
+    """seconds between two velocity commands (and headings) of an environment"""
     only_positive_rewards: bool = False
     """clip each step's reward (termination aside) at zero, as legged_gym can"""
     action_scale: float = 0.25
@@ -227,6 +230,11 @@ REWARD_SCALES = {
     "termination": -1000.0,  # falling (not time-outs); legged_gym's A1 uses -0 to -200: see the README
 }
 TRACKING_SIGMA = 0.25
+# Heading commands (--heading-command, the default on rough terrain): the yaw rate command is HEADING_GAIN times the
+# heading error (rad/s per rad), clipped to the yaw rate range: legged_gym's heading_command. A random yaw rate walks
+# the robot in a circle of radius v / yaw rate (1 m at 1 m/s and 1 rad/s), so it rarely leaves its tile and the
+# terrain curriculum, which promotes by distance from the tile's centre, cannot tell walking from circling.
+HEADING_GAIN = 0.5
 STEADY_AFTER_S = 1.0  # tracking counts as steady-state from this long after a command change
 
 # Domain randomization (--domain-rand): every environment draws its own model at each of its resets, uniformly in
@@ -374,6 +382,7 @@ class Go1Config:
     lin_vel_x_range: tuple[float, float]
     lin_vel_y_range: tuple[float, float]
     ang_vel_yaw_range: tuple[float, float]
+    heading_command: bool  # None in Args: resolved by from_args
     command_resample_s: float
     only_positive_rewards: bool
     action_scale: float
@@ -389,7 +398,10 @@ class Go1Config:
 
     @classmethod
     def from_args(cls, args: Args) -> Go1Config:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        if cfg.heading_command is None:  # the default: headings on rough terrain (see HEADING_GAIN)
+            cfg.heading_command = cfg.terrain == "rough"
+        return cfg
 
 
 # What a policy's observations and actions mean, and its task: --eval and --export take these from the checkpoint.
@@ -453,6 +465,9 @@ class Go1Env:
       [36:48] last_action
       [48:235] measured_heights, with --terrain rough only (num_obs 235): trunk height above 17 x 11 terrain points (m)
     Actions: one per actuator (the model's nu), joint target = home pose + action_scale * action.
+    Commands: drawn from the configured ranges at each reset and every command_resample_s; with heading_command (the
+    default on rough terrain), a heading (N,) is drawn instead of the yaw rate, and at every step the yaw rate command
+    steers towards it (_steer_to_heading), so that the robots walk straight lines (Isaac Gym's legged_gym does so).
 
     Rough terrain (terrain "rough"): go1.xml's floor becomes terrain slots (static boxes), and each world holds the
     boxes of its environment's tile of build_terrain() (placed at each reset: ec.TerrainSlots on MuJoCo Warp, a
@@ -548,6 +563,7 @@ class Go1Env:
         # Carried from one step to the next (saved in checkpoints, for an exact resume).
         self.actions, self.last_actions, self.last_dof_vel = z(nu), z(nu), z(nu)
         self.commands, self.command_age = z(3), z(dtype=torch.long)
+        self.heading = z()  # with heading commands: the commanded heading (yaw, rad, world frame)
         self.feet_air_time, self.last_contacts = z(len(FEET)), z(len(FEET), dtype=torch.bool)
         self.episode_length, self.episode_return = z(dtype=torch.long), z()
         self.obs_noise = z(self.num_obs)  # the noise of the last observations returned (zero without obs_noise)
@@ -612,6 +628,7 @@ class Go1Env:
         "last_dof_vel",
         "commands",
         "command_age",
+        "heading",
         "feet_air_time",
         "last_contacts",
         "episode_length",
@@ -653,6 +670,18 @@ class Go1Env:
         cmd[:, :2] *= cmd[:, :2].norm(dim=1, keepdim=True) > 0.2  # tiny commands mean "stand still"
         self.commands.copy_(torch.where(mask[:, None], cmd, self.commands))
         self.command_age.masked_fill_(mask, 0)
+        if self.cfg.heading_command:  # a Python bool: flat ground's default draws exactly what it drew before
+            heading = self._rand(self.num_envs, lo=-math.pi, hi=math.pi)
+            self.heading.copy_(torch.where(mask, heading, self.heading))
+            self._steer_to_heading()
+
+    def _steer_to_heading(self) -> None:
+        """With heading commands, the yaw rate command (commands[:, 2]) becomes HEADING_GAIN times the heading error
+        (wrapped to [-pi, pi)), clipped to ang_vel_yaw_range: legged_gym's heading_command, at every step."""
+        if not self.cfg.heading_command:
+            return
+        error = torch.remainder(self.heading - ec.yaw_from_quat(self.root_quat) + math.pi, 2 * math.pi) - math.pi
+        self.commands[:, 2].copy_(torch.clamp(HEADING_GAIN * error, self.command_lo[2], self.command_hi[2]))
 
     def reset(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reset the environments in `mask` (all if None) on the device and return all observations."""
@@ -808,7 +837,8 @@ class Go1Env:
         down (never below 0), so that a fall or a short first (desynchronized) episode counts as a failure, as in
         legged_gym; up from the top level, a random level, so that the top does not fill up and the lower levels stay
         practised. A level change moves the robot to the tile of the new level in its column; the next reset starts
-        it there."""
+        it there. The distance measures walking only when robots walk straight lines: heading commands (the rough
+        terrain's default; HEADING_GAIN says why)."""
         if self.terrain is None or not self.curriculum:  # Python values of the configuration: no device sync
             return
         walked = (self.root_pos[:, :2] - self.env_origin[:, :2]).norm(dim=1)
@@ -849,6 +879,7 @@ class Go1Env:
         self._push_robots()
         self.sim.step()
         self._refresh_base_state()
+        self._steer_to_heading()
         self.episode_length += 1
         self.command_age += 1
         # A world that blew up (NaN or infinity) or overflowed its contact buffers is reset below; its last step
@@ -1343,6 +1374,7 @@ def main(args: Args) -> None:
     args.num_iterations = args.num_iterations or (
         5 if device.type == "cpu" else 500 if args.terrain == "flat" else 1500
     )
+    args.heading_command = Go1Config.from_args(args).heading_command  # its default, resolved, goes into the run
     check_args(args)
     ec.note_gpu_only_flags(args, device)
     if args.terrain == "flat" and args.terrain_levels != Args.terrain_levels and dist.is_main:
@@ -2054,10 +2086,15 @@ def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
         # On rough terrain from higher up: the walls of a stairs pit would hide the robot from go1.xml's camera.
         camera = "track" if env.terrain is None else ec.tracking_camera(env.trunk, 3.0, -40.0, 135.0)
         with ec.Renderer(env.sim, camera=camera) as renderer:
+            ahead = None
             for _ in range(args.video_length):
                 if env.terrain is not None:  # held, like a joystick pushed forward (obs[:, 9:12]: the command)
+                    if ahead is None or int(env.episode_length[0]) == 0:  # with heading commands: the way it faces
+                        ahead = ec.yaw_from_quat(env.root_quat)  # at the episode's start (a host loop: syncs are fine)
                     env.commands.copy_(forward)
-                    obs[:, 9:12] = forward
+                    env.heading.copy_(ahead)
+                    env._steer_to_heading()
+                    obs[:, 9:12] = env.commands
                 obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
                 command = env.commands[0].cpu().numpy()
                 actual = torch.cat([env.base_lin_vel[0, :2], env.root_ang_vel_b[0, 2:]]).cpu().numpy()

@@ -551,6 +551,33 @@ def test_steady_state_error_leaves_out_the_second_after_a_command_change(env):
     assert stats["lin_vel_error_steady"] == pytest.approx(0.0)
 
 
+def test_heading_commands_steer_the_yaw_rate_command():
+    """--heading-command (legged_gym's heading_command): after every reset and step the yaw rate command is 0.5 times
+    the heading error, wrapped to [-pi, pi) and clipped to the yaw rate range. On by default on rough terrain only."""
+    assert not loco.Go1Config.from_args(loco.Args()).heading_command
+    assert loco.Go1Config.from_args(loco.Args(terrain="rough")).heading_command
+    assert not loco.Go1Config.from_args(loco.Args(terrain="rough", heading_command=False)).heading_command
+    env = make_env(6, heading_command=True, domain_rand=False, push_interval_s=0.0)
+
+    def yaw():  # by hand from the trunk's quaternion (w, x, y, z)
+        w, x, y, z = env.root_quat.double().T
+        return torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+    def expected():
+        error = (env.heading.double() - yaw() + math.pi) % (2 * math.pi) - math.pi
+        return (0.5 * error).clamp(-1.0, 1.0).float()
+
+    env.reset()
+    assert env.heading.unique().numel() == 6 and env.heading.abs().max() <= math.pi
+    torch.testing.assert_close(env.commands[:, 2], expected())
+    env.heading.copy_(yaw().float() + torch.tensor([0.1, -0.1, 1.5, -1.5, 3.5, -3.5]))  # the last two wrap around
+    env._steer_to_heading()
+    torch.testing.assert_close(env.commands[:, 2], torch.tensor([0.05, -0.05, 0.75, -0.75, -1.0, 1.0]))
+    for _ in range(3):
+        env.step(torch.zeros(6, 12))
+        torch.testing.assert_close(env.commands[:, 2], expected())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Robustness: domain randomization, pushes, observation noise, action delay (the environment on the CPU)
 # ---------------------------------------------------------------------------------------------------------------
@@ -605,9 +632,9 @@ def test_domain_randomization_draws_each_world_a_model_and_redraws_only_reset_wo
 
 def test_randomized_pushed_noisy_delayed_environment_resumes_bit_for_bit():
     """state_dict() of an environment with everything on (randomized models, pushes every 3 steps, noise, delay,
-    short episodes so that worlds reset and redraw) loaded into a fresh one: the same observations, rewards and
-    models step for step."""
-    overrides = dict(episode_length_s=0.2, push_interval_s=0.06, action_delay=True)
+    heading commands, short episodes so that worlds reset and redraw) loaded into a fresh one: the same observations,
+    rewards and models step for step."""
+    overrides = dict(episode_length_s=0.2, push_interval_s=0.06, action_delay=True, heading_command=True)
     actions = torch.randn(16, 6, 12, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(1)
     a = make_env(6, **overrides)
