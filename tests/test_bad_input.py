@@ -173,6 +173,7 @@ NO_BAD_VALUE = {
     "tf32",
     "compile",
     "bf16",
+    "heading_command",  # True, False or None (the default by terrain): tyro refuses anything else
     "cudagraphs",
     "norm_adv",
     "clip_vloss",
