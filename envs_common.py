@@ -939,9 +939,11 @@ class BatchedSim:
 
     `contact_force` is filled only with `contact_forces=True` (an extra pass after the solver's last sub-step).
     With `poses=True`, body poses (xpos, xquat, site_xpos) are recomputed after every `step()` and `reset()`, so
-    they match `qpos` (MuJoCo's own mj_step leaves them one sub-step behind). A task that reads none of them passes
+    they match `qpos` (MuJoCo's own mj_step leaves them one sub-step behind). A task that needs no exact poses passes
     `poses=False` and saves those two kinematics passes per policy step (about 20 small kernels); the physics is
-    the same, since every physics step starts by computing the poses of its qpos.
+    the same, since every physics step starts by computing the poses of its qpos. After `step()` the poses are then
+    those of the last sub-step's start, one sub-step behind `qpos` as mj_step leaves them (fine for a reward term);
+    after `reset()` they are stale until the next `step()`.
 
     Per-world model fields (domain randomization; Isaac Gym: set_actor_rigid_body_properties and friends, per
     environment). MuJoCo Warp's kernels read a model field of shape (k, ...) at row `world % k`, and put_model makes
@@ -2551,8 +2553,11 @@ class CEngineSim:
     MuJoCo's C engine would quietly reset a world whose accelerations blow up: that is turned off in `mjm`
     (mjDSBL_AUTORESET), so such a world turns non-finite and nonfinite() flags it, as in MuJoCo Warp. A world whose
     contact or constraint arena filled up (MuJoCo warns and drops what does not fit) is flagged by overflowed(). No
-    body poses (poses must be False) and no get_state()/set_state(). `nconmax` and `njmax` are MuJoCo Warp's buffer
-    sizes, accepted and unused (the C engine sizes its own).
+    exact body poses (poses must be False; xpos below) and no get_state()/set_state(). `nconmax` and `njmax` are
+    MuJoCo Warp's buffer sizes, accepted and unused (the C engine sizes its own).
+
+    xpos (N, nbody, 3): body positions after step(), one physics step behind qpos as mj_step leaves them (BatchedSim's
+    with poses=False); stale after reset() until the next step().
 
     `models[i]` is world i's model (at first `mjm` for all): set_model() gives a world another one of the same
     bodies and joints, e.g. with its own terrain tile (place_tile), before the world's next reset.
@@ -2585,7 +2590,7 @@ class CEngineSim:
         self.default_qpos = torch.tensor(qpos0, dtype=torch.float32, device=self.device)
         self.default_ctrl = torch.tensor(ctrl0, dtype=torch.float32, device=self.device)
         sizes = {"qpos": (mjm.nq,), "qvel": (mjm.nv,), "ctrl": (mjm.nu,), "act_force": (mjm.nu,)}
-        sizes["contact_force"] = (mjm.nbody, 3)
+        sizes["contact_force"] = sizes["xpos"] = (mjm.nbody, 3)
         for name, shape in sizes.items():
             setattr(self, name, torch.zeros(self.num_envs, *shape, device=self.device))
         self._host = {name: np.zeros((self.num_envs, *shape)) for name, shape in sizes.items() if name != "ctrl"}
@@ -2635,7 +2640,7 @@ class CEngineSim:
                 h["contact_force"][i] = d.cfrc_ext[:, 3:6]  # (torque, force) at the body's centre of mass
             fills = self._fills(d)
             full[i], self._fill_counts[i] = fills > self._fill_counts[i], fills
-            h["qpos"][i], h["qvel"][i], h["act_force"][i] = d.qpos, d.qvel, d.actuator_force
+            h["qpos"][i], h["qvel"][i], h["act_force"][i], h["xpos"][i] = d.qpos, d.qvel, d.actuator_force, d.xpos
         for name, values in h.items():
             getattr(self, name).copy_(torch.from_numpy(values))
         self._full |= torch.from_numpy(full).to(self.device)

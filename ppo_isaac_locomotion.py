@@ -229,6 +229,14 @@ REWARD_SCALES = {
     "collision": -1.0,  # thigh or calf touching the ground
     "termination": -1000.0,  # falling (not time-outs); legged_gym's A1 uses -0 to -200: see the README
 }
+# On rough terrain (--terrain rough), one term more: a swing must lift the foot above what is under it, or the feet
+# shuffle, which walks on slopes and obstacles but trips on every step (README: Rough terrain). MuJoCo Playground's
+# Go1 joystick task has this term (its feet_height) at this scale; flat ground keeps legged_gym's table unchanged.
+ROUGH_REWARD_SCALES = {
+    **REWARD_SCALES,
+    "feet_swing_height": -0.2,  # on touchdown, (the swing's peak above the terrain / FOOT_SWING_HEIGHT - 1)^2
+}
+FOOT_SWING_HEIGHT = 0.1  # m: the peak a swing is asked for (MuJoCo Playground's Go1: max_foot_height)
 TRACKING_SIGMA = 0.25
 # Heading commands (--heading-command, the default on rough terrain): the yaw rate command is HEADING_GAIN times the
 # heading error (rad/s per rad), clipped to the yaw rate range: legged_gym's heading_command. A random yaw rate walks
@@ -539,6 +547,7 @@ class Go1Env:
         self.base_height_target = float(s.default_qpos[2]) - 0.02  # the home height, a little crouched
         self.trunk = s.body_id(TRUNK)
         self.feet = torch.tensor([s.body_id(f) for f in FEET], device=device)
+        self.foot_radius = float(mjm.geom_size[s.geom_id(FEET[0]), 0])  # the feet are spheres (go1.xml)
         self.leg_links = torch.tensor([s.body_id(b) for b in LEG_LINKS], device=device)
         ranges = (cfg.lin_vel_x_range, cfg.lin_vel_y_range, cfg.ang_vel_yaw_range)
         self.command_lo = torch.tensor([r[0] for r in ranges], device=device)
@@ -565,13 +574,16 @@ class Go1Env:
         self.commands, self.command_age = z(3), z(dtype=torch.long)
         self.heading = z()  # with heading commands: the commanded heading (yaw, rad, world frame)
         self.feet_air_time, self.last_contacts = z(len(FEET)), z(len(FEET), dtype=torch.bool)
+        self.swing_peak = z(len(FEET))  # each foot's highest point above the terrain in its swing so far (m; 0: down)
         self.episode_length, self.episode_return = z(dtype=torch.long), z()
         self.obs_noise = z(self.num_obs)  # the noise of the last observations returned (zero without obs_noise)
         # Computed once per step, read by several reward terms (legged_gym's post_physics_step).
         self.base_lin_vel, self.projected_gravity = z(3), z(3)
         self.foot_contact, self.leg_contact = z(len(FEET), dtype=torch.bool), z(len(LEG_LINKS), dtype=torch.bool)
+        self.contact_filt = z(len(FEET), dtype=torch.bool)  # foot_contact at this step or the last (_filter_contacts)
         self.terminated, self.broken = z(dtype=torch.bool), z(dtype=torch.bool)
-        self.reward_names = list(REWARD_SCALES)
+        self.reward_scales = ROUGH_REWARD_SCALES if self.terrain is not None else REWARD_SCALES
+        self.reward_names = list(self.reward_scales)
         self.episode_sums = {name: z() for name in self.reward_names}
         # Statistics summed per environment on the device, reduced over environments once per iteration (pop_stats).
         stat_names = [
@@ -631,6 +643,7 @@ class Go1Env:
         "heading",
         "feet_air_time",
         "last_contacts",
+        "swing_peak",
         "episode_length",
         "episode_return",
         "obs_noise",
@@ -709,7 +722,7 @@ class Go1Env:
         qvel[:, 0:6] = self._rand(n, 6, lo=-0.5, hi=0.5)  # legged_gym: base velocities U(-0.5, 0.5)
         s.reset(mask, qpos, qvel, ctrl=qpos[:, 7:])
         m = mask[:, None]
-        for t in (self.actions, self.last_actions, self.last_dof_vel, self.feet_air_time):
+        for t in (self.actions, self.last_actions, self.last_dof_vel, self.feet_air_time, self.swing_peak):
             t.masked_fill_(m, 0.0)
         self.last_contacts.masked_fill_(m, False)
         self.episode_length.masked_fill_(mask, 0)
@@ -823,6 +836,12 @@ class Go1Env:
         velocity = self.root_lin_vel_w[:, :2]  # a view of the simulator's qvel
         velocity.copy_(torch.where(due[:, None], kick, velocity))
 
+    def _filter_contacts(self) -> None:
+        """contact_filt (N, 4): a foot touches if its contact force was above 1 N at this step or the last, because a
+        foot's contact force flickers (legged_gym's contact_filt, read by the feet's reward terms)."""
+        self.contact_filt.copy_(self.foot_contact | self.last_contacts)
+        self.last_contacts.copy_(self.foot_contact)
+
     def _refresh_base_state(self) -> None:
         base_lin_vel, projected_gravity = base_frame(self.sim.qpos, self.sim.qvel)
         self.base_lin_vel.copy_(base_lin_vel)
@@ -892,6 +911,7 @@ class Go1Env:
         # Contacts (Isaac Gym: the net contact force tensor) and terminations.
         forces = self.sim.contact_force
         self.foot_contact.copy_(forces[:, self.feet, 2] > 1.0)
+        self._filter_contacts()
         self.leg_contact.copy_(forces[:, self.leg_links].norm(dim=-1) > 0.1)
         fell = (forces[:, self.trunk].norm(dim=-1) > 1.0) | (self.projected_gravity[:, 2] > -0.5)  # > 60 deg tilt
         self.terminated.copy_(fell & ~self.broken)
@@ -916,12 +936,14 @@ class Go1Env:
         for name in self.reward_names:
             if name == "termination":
                 continue
-            term = torch.where(self.broken, 0.0, getattr(self, f"_reward_{name}")() * REWARD_SCALES[name] * self.dt)
+            term = torch.where(
+                self.broken, 0.0, getattr(self, f"_reward_{name}")() * self.reward_scales[name] * self.dt
+            )
             self.episode_sums[name] += term
             total += term
         if self.cfg.only_positive_rewards:  # a Python bool: no device sync
             total.clamp_(min=0.0)
-        term = self._reward_termination() * REWARD_SCALES["termination"] * self.dt
+        term = self._reward_termination() * self.reward_scales["termination"] * self.dt
         self.episode_sums["termination"] += term
         return total + term
 
@@ -1084,16 +1106,27 @@ class Go1Env:
         return (self.actions - self.last_actions).square().sum(dim=1)
 
     def _reward_feet_air_time(self):
-        # legged_gym: on touchdown, reward (air time - 0.5 s); contact is OR-ed with the previous step's because
-        # a foot's contact force on flat ground flickers.
-        contact = self.foot_contact | self.last_contacts
-        first_contact = (self.feet_air_time > 0.0) & contact
+        # legged_gym: on touchdown, reward (air time - 0.5 s).
+        first_contact = (self.feet_air_time > 0.0) & self.contact_filt
         self.feet_air_time += self.dt
         reward = ((self.feet_air_time - 0.5) * first_contact).sum(dim=1)
         reward *= self.commands[:, :2].norm(dim=1) > 0.1
-        self.feet_air_time *= ~contact
-        self.last_contacts.copy_(self.foot_contact)
+        self.feet_air_time *= ~self.contact_filt
         return reward
+
+    def _reward_feet_swing_height(self):
+        # MuJoCo Playground's Go1 feet_height, the height taken above the terrain under the foot (there: above z = 0),
+        # so that a swing clears a step: on touchdown, (peak / FOOT_SWING_HEIGHT - 1)^2, only while asked to move.
+        feet = self.sim.xpos[:, self.feet]  # (N, 4, 3), one physics sub-step behind qpos: fine for a reward
+        ground = self.terrain_height(feet[..., :2]) if self.terrain is not None else 0.0
+        height = feet[..., 2] - self.foot_radius - ground
+        touchdown = self.contact_filt & (self.swing_peak > 0.0)  # the peak is > 0 from a swing's first step on
+        cost = ((self.swing_peak / FOOT_SWING_HEIGHT - 1.0).square() * touchdown).sum(dim=1)
+        cost *= self.commands[:, :2].norm(dim=1) > 0.1
+        self.swing_peak.copy_(
+            torch.where(self.contact_filt, 0.0, torch.maximum(self.swing_peak, height.clamp(min=1e-3)))
+        )
+        return cost
 
     def _reward_collision(self):
         return self.leg_contact.float().sum(dim=1)

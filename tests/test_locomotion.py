@@ -491,6 +491,7 @@ def test_reward_contact_terms(env):
             env.foot_contact[:] = swing  # foot 0 in the air
         else:
             env.foot_contact[:] = True  # touchdown
+        env._filter_contacts()  # as step() does, before the reward terms
         rewards.append(env._reward_feet_air_time())
     assert all(r[0] == 0 for r in rewards[:-1])
     # Air time counts from the second airborne step (the first is OR-ed with the previous contact, a flicker
@@ -500,8 +501,11 @@ def test_reward_contact_terms(env):
 
 
 def test_reward_table_has_a_function_per_term():
-    for name in loco.REWARD_SCALES:
+    for name in loco.ROUGH_REWARD_SCALES:
         assert callable(getattr(loco.Go1Env, f"_reward_{name}")), name
+    # Rough terrain adds its term to the flat table, in which nothing changes.
+    rough = dict(loco.ROUGH_REWARD_SCALES)
+    assert rough.pop("feet_swing_height") < 0 and rough == loco.REWARD_SCALES
 
 
 def test_resets_stay_inside_the_joint_ranges():

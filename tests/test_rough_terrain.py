@@ -238,6 +238,55 @@ def test_robots_spawn_on_their_tiles_platform_above_the_surface():
     assert not env.broken.any()
 
 
+def test_feet_swing_height_takes_the_swing_peak_above_the_terrain_under_the_foot():
+    """_reward_feet_swing_height by hand: a front foot swings from the platform of a stairs-up tile at the top level
+    (23 cm steps) over two steps and lands; the cost on touchdown is (peak / FOOT_SWING_HEIGHT - 1)^2, the peak taken
+    above the surface under the foot (NumPy's exact lookup on the tile's boxes), not above z = 0. The swing's first
+    airborne step is the flicker filter's, and a one-step loss of contact costs nothing. Zero when not asked to move.
+    Then the feet positions it reads, after a real step, agree between MuJoCo Warp and MuJoCo's C engine."""
+    envs = {"warp": rough_env(2), "c": rough_env(2, sim=ec.CEngineSim)}
+    env = envs["warp"]
+    col = env.terrain.column_types.index("stairs_up")
+    for e in envs.values():
+        e.terrain_level.fill_(LEVELS - 1)
+        e.terrain_col.fill_(col)
+        e.env_origin.copy_(e.tile_origins[e.terrain_level, e.terrain_col])
+        e.reset()
+    boxes, origin = env.terrain.tile(LEVELS - 1, col), env.env_origin[0].double().numpy()
+    env.commands[:] = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    env.last_contacts[:] = True
+    env.swing_peak.zero_()
+    r = env.foot_radius
+    # (x from the tile's centre, height of the foot's bottom above the surface, in contact?)
+    swing = [(1.3, 0.0, True), (1.35, 0.01, False), (1.65, 0.07, False), (1.95, 0.04, False), (2.0, 0.0, True)]
+    costs, surfaces = [], []
+    for dx, above, down in swing:
+        xy = origin[:2] + (dx, 0.1)
+        surface = float(ec.surface_height(boxes, xy))
+        surfaces.append(surface)
+        env.sim.xpos[:, env.feet[0]] = torch.tensor([*xy, surface + r + above], dtype=torch.float32)
+        env.foot_contact[:] = True
+        env.foot_contact[:, 0] = down
+        env._filter_contacts()
+        costs.append(env._reward_feet_swing_height())
+    assert surfaces[2] - surfaces[0] > 0.2 and surfaces[3] > surfaces[2], surfaces  # two steps up from the platform
+    assert all(c.abs().max() == 0 for c in costs[:-1])
+    assert costs[-1][0].item() == pytest.approx((0.07 / loco.FOOT_SWING_HEIGHT - 1.0) ** 2, abs=1e-3)
+    assert costs[-1][1].item() == 0.0, "no cost when told to stand still"
+    assert env.swing_peak.abs().max() == 0, "a foot down has no swing"
+    for down in (False, True):  # a flicker: one step without contact force, then contact again
+        env.foot_contact[:, 0] = down
+        env._filter_contacts()
+        assert env._reward_feet_swing_height().abs().max() == 0
+    # The feet's positions after a physics step, as both simulators leave them (one sub-step behind qpos).
+    c = envs["c"]
+    c.sim.reset(torch.ones(2, dtype=torch.bool), env.sim.qpos, env.sim.qvel, ctrl=env.sim.ctrl)
+    for e in envs.values():
+        e.sim.step()
+    torch.testing.assert_close(env.sim.xpos[:, env.feet], c.sim.xpos[:, c.feet], atol=2e-3, rtol=0)
+    assert (env.sim.xpos[:, env.feet, 2] - env.env_origin[:, None, 2]).abs().max() < 0.5, "feet near the platform"
+
+
 def test_evaluation_spreads_robots_over_every_level():
     env = rough_env(2 * LEVELS * 4, curriculum=False)
     assert torch.bincount(env.terrain_level).tolist() == [8] * LEVELS
