@@ -737,8 +737,10 @@ class TerrainSlots:
         self.pos, self.rot, self.half = table(tiles.pos), table(tiles.rot), table(tiles.half)
         self.aabb = torch.stack([torch.zeros_like(self.half), self.half], dim=2)  # (centre offset, half sizes)
         self.rbound = self.half.norm(dim=-1)
-        self._scan = None
-        self._cast = torch.compiler.disable(self._cast)  # a Warp launch: torch.compile calls it as it is
+        self._scans: dict[tuple, dict] = {}  # the buffers of each shape of points cast (height scan, feet, ...)
+        # Warp launches and buffers that torch.compile must not trace (it mishandles the buffers' first allocation
+        # inside a compiled step): it calls heights() as it is.
+        self.heights = torch.compiler.disable(self.heights)
 
     def heights(self, xy: torch.Tensor, top: float) -> torch.Tensor:
         """The height (m) of each world's terrain under its points xy (N, P, 2) (world x, y, m), (N, P) float32: a
@@ -747,9 +749,11 @@ class TerrainSlots:
         26 times faster on an H200 (README: Rough terrain): one thread per ray and a slab test against the K boxes,
         where MuJoCo Warp's spreads each ray over 64 threads and every geom; and where two boxes abut (within 0.1 mm
         of the seam), what mj_ray gives, where MuJoCo Warp's float32 rays may pass between them and miss. Returns a
-        buffer that the next call overwrites. In place, no host sync: may run inside a recorded step."""
+        buffer, one per shape of xy, that the next call of that shape overwrites. In place, no host sync: may run
+        inside a recorded step (after a first call of each shape, which allocates its buffers)."""
         n, p = xy.shape[:2]
-        if self._scan is None or self._scan["xy"].shape != xy.shape:  # allocated once, before graphs record it
+        key = tuple(xy.shape)
+        if key not in self._scans:  # allocated once per shape, before graphs record it
             buf = {"xy": torch.zeros(n, p, 2, device=xy.device), "out": torch.zeros(n, p, device=xy.device)}
             buf["ids"] = self.ids.to(torch.int32)  # kept: Warp's view of it must not outlive it
             buf["wp"] = [
@@ -760,18 +764,19 @@ class TerrainSlots:
                 wp.from_torch(self.sim.model["geom_size"], dtype=wp.vec3),
             ]
             buf["out_wp"] = wp.from_torch(buf["out"])
-            self._scan = buf
-        self._scan["xy"].copy_(xy)
-        self._cast(n, p, float(top))
-        return self._scan["out"]
+            self._scans[key] = buf
+        self._scans[key]["xy"].copy_(xy)
+        self._cast(key, float(top))
+        return self._scans[key]["out"]
 
-    def _cast(self, n: int, p: int, top: float) -> None:
+    def _cast(self, key: tuple, top: float) -> None:
+        buf = self._scans[key]
         with wp.ScopedDevice(self.sim.wp_device):
             wp.launch(
                 _box_rays_kernel(),
-                dim=(n, p),
-                inputs=[*self._scan["wp"], top, TERRAIN_BOTTOM - 1.0],
-                outputs=[self._scan["out_wp"]],
+                dim=key[:2],
+                inputs=[*buf["wp"], top, TERRAIN_BOTTOM - 1.0],
+                outputs=[buf["out_wp"]],
             )
 
     def place(self, mask: torch.Tensor, level: torch.Tensor, col: torch.Tensor) -> None:

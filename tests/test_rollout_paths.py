@@ -26,6 +26,10 @@ import ppo_isaac_reach
 DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env), (ppo_isaac_reach, ppo_isaac_reach.ReachEnv)]
+# The same with the rough terrain's extra paths (height scan, feet heights: Warp launches inside the step).
+FAST_CASES = [(*case, {}) for case in CASES] + [
+    (ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env, dict(terrain="rough", terrain_levels=2))
+]
 CONFIGS = {ppo_isaac_locomotion: ppo_isaac_locomotion.Go1Config, ppo_isaac_reach: ppo_isaac_reach.ReachConfig}
 
 
@@ -57,10 +61,12 @@ def make(script, env_cls, num_envs=8, generator_free=False, **overrides):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("script,env_cls", CASES, ids=lambda x: getattr(x, "__name__", ""))
-def test_fast_rollout_matches_the_plain_loop(script, env_cls, compile):
+@pytest.mark.parametrize(
+    "script,env_cls,task", FAST_CASES, ids=[f"{e.__name__}-{t.get('terrain', 'flat')}" for _, e, t in FAST_CASES]
+)
+def test_fast_rollout_matches_the_plain_loop(script, env_cls, task, compile):
     # Episodes of a few steps, so that time-outs, resets and their bootstrapped rewards happen inside the rollout.
-    short = {"episode_length_s": 0.1}
+    short = {"episode_length_s": 0.1, **task}
     T, iterations = 6, 3
 
     short["generator_free"] = compile and not COMPILED_RNG_IN_ORDER

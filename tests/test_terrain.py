@@ -502,6 +502,14 @@ def test_worlds_see_their_own_tiles_as_mujoco_c_does(tiles, spec, slots_sim):
         f"against mj_ray: BatchedSim.rays within {worst_ray:.1e} m ({through} passed between abutting boxes), "
         f"TerrainSlots.heights within {worst_height:.1e} m"
     )
+    # Points of another shape (the feet beside the height scan) get buffers of their own: each shape's result stays
+    # where it was, as a recorded CUDA graph needs, and the first shape's heights are unchanged.
+    first = slots.heights(_tensor(_padded([p[1] for p in probes])), top)
+    other = slots.heights(_tensor(_padded([p[1][:4] for p in probes])), top)
+    again = slots.heights(_tensor(_padded([p[1] for p in probes])), top)
+    assert again.data_ptr() == first.data_ptr() and other.data_ptr() != first.data_ptr()
+    np.testing.assert_array_equal(again.cpu().numpy(), heights)
+    np.testing.assert_array_equal(other.cpu().numpy(), heights[:, :4])
 
 
 def test_placing_moves_only_the_masked_worlds(tiles, slots_sim):
