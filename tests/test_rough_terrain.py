@@ -265,6 +265,7 @@ def test_feet_swing_height_takes_the_swing_peak_above_the_terrain_under_the_foot
         surface = float(ec.surface_height(boxes, xy))
         surfaces.append(surface)
         env.sim.xpos[:, env.feet[0]] = torch.tensor([*xy, surface + r + above], dtype=torch.float32)
+        env._refresh_base_state()  # as step() does: the height scan, and the terrain under the feet with it
         env.foot_contact[:] = True
         env.foot_contact[:, 0] = down
         env._filter_contacts()
