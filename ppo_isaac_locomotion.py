@@ -34,6 +34,10 @@ SCRIPT = Path(__file__).stem
 MAX_TIME_S = 86_400.0  # s: the longest episode, command or push interval accepted
 POLICY_DT = 0.02  # s: a 50 Hz policy over go1.xml's 200 Hz physics, as legged_gym (sim dt 0.005 s, decimation 4)
 TERRAINS = ("flat", "rough")  # --terrain
+# The entropy bonus by terrain (--ent-coef's default): rsl_rl's 0.01 for legged_gym on flat ground; on rough terrain
+# Isaac Lab's ANYmal-C rough configuration's 0.005, because with 0.01 the action noise grew all through training there
+# and the curriculum stalled (README: Rough terrain).
+ENT_COEF = {"flat": 0.01, "rough": 0.005}
 
 
 @dataclass
@@ -107,8 +111,8 @@ class Args:
     """the surrogate clipping coefficient"""
     clip_vloss: bool = True
     """clip the value loss like the policy loss"""
-    ent_coef: float = 0.01
-    """coefficient of the entropy bonus"""
+    ent_coef: float | None = None
+    """coefficient of the entropy bonus (default: 0.01 on flat ground, 0.005 with --terrain rough)"""
     vf_coef: float = 1.0
     """coefficient of the value loss"""
     max_grad_norm: float = 1.0
@@ -162,6 +166,10 @@ class Args:
     """environments of an evaluation during training (at most num_envs)"""
     eval_episodes: int = 1
     """episodes per environment in an evaluation"""
+
+    def __post_init__(self):
+        if self.ent_coef is None:  # the default by terrain (an unknown --terrain is refused by check_args)
+            self.ent_coef = ENT_COEF.get(self.terrain, ENT_COEF["flat"])
 
 
 def check_args(args: Args) -> None:

@@ -555,6 +555,17 @@ def test_steady_state_error_leaves_out_the_second_after_a_command_change(env):
     assert stats["lin_vel_error_steady"] == pytest.approx(0.0)
 
 
+def test_the_entropy_bonus_defaults_by_terrain():
+    """--ent-coef: rsl_rl's 0.01 on flat ground, Isaac Lab's ANYmal-C rough 0.005 on rough terrain; a given value
+    stays, and the command line resolves it the same way (tyro builds Args)."""
+    assert loco.Args().ent_coef == 0.01 and loco.Args(terrain="rough").ent_coef == 0.005
+    assert loco.Args(terrain="rough", ent_coef=0.02).ent_coef == 0.02 and loco.Args(ent_coef=0.0).ent_coef == 0.0
+    import tyro
+
+    assert tyro.cli(loco.Args, args=["--terrain", "rough"]).ent_coef == 0.005
+    assert tyro.cli(loco.Args, args=["--terrain", "rough", "--ent-coef", "0.01"]).ent_coef == 0.01
+
+
 def test_heading_commands_steer_the_yaw_rate_command():
     """--heading-command (legged_gym's heading_command): after every reset and step the yaw rate command is 0.5 times
     the heading error, wrapped to [-pi, pi) and clipped to the yaw rate range. On by default on rough terrain only."""

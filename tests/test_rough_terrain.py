@@ -322,6 +322,7 @@ def test_rough_training_logs_the_curriculum_and_the_terrain_types(rough_run):
         assert tag in tags, tag
     ckpt = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=False)
     assert ckpt["obs_dim"] == 48 + 187 and ckpt["args"]["terrain"] == "rough"
+    assert ckpt["args"]["ent_coef"] == loco.ENT_COEF["rough"], "the default by terrain goes into the run"
 
 
 def test_rough_eval_prints_the_per_level_table(rough_run, rendering_problem):
