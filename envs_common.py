@@ -2580,7 +2580,7 @@ class CEngineSim:
         poses: bool = False,
     ):
         if poses:
-            raise ValueError("CEngineSim keeps no body poses: pass poses=False")
+            raise ValueError("CEngineSim refreshes no body poses after a step (xpos lags one): pass poses=False")
         if int(num_envs) < 1:
             raise UserError(f"the number of environments must be at least 1, got {num_envs}")
         self.mjm, self.num_envs, self.decimation = mjm, int(num_envs), int(decimation)

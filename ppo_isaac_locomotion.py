@@ -514,7 +514,8 @@ class Go1Env:
             mjm = self.terrain_spec.compile()
         if cfg.solver is not None:  # read when the model goes to MuJoCo Warp
             mjm.opt.iterations, mjm.opt.ls_iterations = cfg.solver
-        # Contact forces: for feet air time, collisions and falls. No body poses: nothing here reads them.
+        # Contact forces: for feet air time, collisions and falls. No pose refresh: the one pose read (the feet's, for
+        # a reward term) may lag a physics sub-step.
         decimation = max(1, round(POLICY_DT / mjm.opt.timestep))
         kwargs = dict(decimation=decimation, contact_forces=True, poses=False)
         if cfg.domain_rand:
@@ -673,7 +674,10 @@ class Go1Env:
         policy got when the state was saved)."""
         self.sim.set_state(state["sim"])
         for k, v in self.episode_sums.items():
-            v.copy_(state["episode_sums"][k])
+            if k in state["episode_sums"]:
+                v.copy_(state["episode_sums"][k])
+            else:  # a term that the saved run did not have (a checkpoint from before it) starts at zero
+                v.zero_()
         for k in self.STATE:
             if k in state:
                 getattr(self, k).copy_(state[k])
@@ -1087,7 +1091,7 @@ class Go1Env:
         out.update({f"curriculum/level_fraction/{lv}": sum(count[lv]) / max(robots, 1) for lv in levels})
         return out
 
-    # ---- Reward terms: one small function each, scaled by REWARD_SCALES ----------------------------------------
+    # ---- Reward terms: one small function each, scaled by reward_scales (REWARD_SCALES or ROUGH_REWARD_SCALES) --
     def _reward_tracking_lin_vel(self):
         err = (self.commands[:, :2] - self.base_lin_vel[:, :2]).square().sum(dim=1)
         return torch.exp(-err / TRACKING_SIGMA)
@@ -1136,7 +1140,7 @@ class Go1Env:
         # so that a swing clears a step: on touchdown, (peak / FOOT_SWING_HEIGHT - 1)^2, only while asked to move.
         feet_z = self.sim.xpos[:, self.feet, 2]  # (N, 4), one physics sub-step behind qpos: fine for a reward
         ground = self.feet_ground if self.terrain is not None else 0.0  # computed with the height scan
-        height = feet_z - self.foot_radius - ground
+        height = (feet_z - self.foot_radius - ground).clamp(max=HEIGHT_SCAN_CLIP)  # a ray that missed: no 4 m peak
         touchdown = self.contact_filt & (self.swing_peak > 0.0)  # the peak is > 0 from a swing's first step on
         cost = ((self.swing_peak / FOOT_SWING_HEIGHT - 1.0).square() * touchdown).sum(dim=1)
         cost *= self.commands[:, :2].norm(dim=1) > 0.1

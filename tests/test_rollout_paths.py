@@ -241,11 +241,13 @@ def test_fast_update_matches_the_plain_one(script, env_cls):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("script,env_cls", CASES, ids=lambda x: getattr(x, "__name__", ""))
-def test_carried_state_is_written_in_place(script, env_cls):
+@pytest.mark.parametrize(
+    "script,env_cls,task", FAST_CASES, ids=[f"{e.__name__}-{t.get('terrain', 'flat')}" for _, e, t in FAST_CASES]
+)
+def test_carried_state_is_written_in_place(script, env_cls, task):
     """Forking safety: every tensor a step reads or writes keeps its storage from one step to the next, so the
     recorded CUDA graph (GPU) never reads a stale buffer. A fork that rebinds carried state fails here on the CPU."""
-    env = env_cls(4, DEVICE)
+    env = env_cls(4, DEVICE, CONFIGS[script].from_args(script.Args(**task)))
     env.reset()
     actions = torch.zeros(4, env.num_actions, device=DEVICE)
     assert ec.rebound_state(env, lambda: env.step(actions)) == []

@@ -288,6 +288,23 @@ def test_feet_swing_height_takes_the_swing_peak_above_the_terrain_under_the_foot
     assert (env.sim.xpos[:, env.feet, 2] - env.env_origin[:, None, 2]).abs().max() < 0.5, "feet near the platform"
 
 
+def test_a_state_saved_before_the_swing_height_term_loads():
+    """A rough-terrain checkpoint written before feet_swing_height and swing_peak existed resumes: the missing
+    state starts at zero, the rest is restored."""
+    env = rough_env(4)
+    env.reset()
+    env.step(torch.zeros(4, 12))
+    env.episode_sums["feet_swing_height"].fill_(3.0)
+    env.swing_peak.fill_(0.05)
+    state = env.state_dict()
+    del state["episode_sums"]["feet_swing_height"], state["swing_peak"]
+    restored = rough_env(4)
+    restored.load_state_dict(state)
+    assert restored.episode_sums["feet_swing_height"].abs().max() == 0 and restored.swing_peak.abs().max() == 0
+    torch.testing.assert_close(restored.sim.qpos, env.sim.qpos)
+    torch.testing.assert_close(restored.episode_sums["tracking_lin_vel"], env.episode_sums["tracking_lin_vel"])
+
+
 def test_evaluation_spreads_robots_over_every_level():
     env = rough_env(2 * LEVELS * 4, curriculum=False)
     assert torch.bincount(env.terrain_level).tolist() == [8] * LEVELS
