@@ -737,8 +737,8 @@ class TerrainSlots:
         self.pos, self.rot, self.half = table(tiles.pos), table(tiles.rot), table(tiles.half)
         self.aabb = torch.stack([torch.zeros_like(self.half), self.half], dim=2)  # (centre offset, half sizes)
         self.rbound = self.half.norm(dim=-1)
-        self._scans: dict[tuple, dict] = {}  # the buffers of each shape of points cast (height scan, feet, ...)
-        # Warp launches and buffers that torch.compile must not trace (it mishandles the buffers' first allocation
+        self._scans: dict[tuple, dict] = {}  # the buffers of each shape of points cast, kept for recorded graphs
+        # A Warp launch and buffers that torch.compile must not trace (it mishandles the buffers' first allocation
         # inside a compiled step): it calls heights() as it is.
         self.heights = torch.compiler.disable(self.heights)
 
@@ -765,19 +765,16 @@ class TerrainSlots:
             ]
             buf["out_wp"] = wp.from_torch(buf["out"])
             self._scans[key] = buf
-        self._scans[key]["xy"].copy_(xy)
-        self._cast(key, float(top))
-        return self._scans[key]["out"]
-
-    def _cast(self, key: tuple, top: float) -> None:
         buf = self._scans[key]
+        buf["xy"].copy_(xy)
         with wp.ScopedDevice(self.sim.wp_device):
             wp.launch(
                 _box_rays_kernel(),
-                dim=key[:2],
-                inputs=[*buf["wp"], top, TERRAIN_BOTTOM - 1.0],
+                dim=(n, p),
+                inputs=[*buf["wp"], float(top), TERRAIN_BOTTOM - 1.0],
                 outputs=[buf["out_wp"]],
             )
+        return buf["out"]
 
     def place(self, mask: torch.Tensor, level: torch.Tensor, col: torch.Tensor) -> None:
         s, tile, ids = self.sim, level * self.num_cols + col, self.ids

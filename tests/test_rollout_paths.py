@@ -30,6 +30,7 @@ CASES = [(ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env), (ppo_isaac_reach, 
 FAST_CASES = [(*case, {}) for case in CASES] + [
     (ppo_isaac_locomotion, ppo_isaac_locomotion.Go1Env, dict(terrain="rough", terrain_levels=2))
 ]
+FAST_IDS = [f"{env_cls.__name__}-{task.get('terrain', 'flat')}" for _, env_cls, task in FAST_CASES]
 CONFIGS = {ppo_isaac_locomotion: ppo_isaac_locomotion.Go1Config, ppo_isaac_reach: ppo_isaac_reach.ReachConfig}
 
 
@@ -61,9 +62,7 @@ def make(script, env_cls, num_envs=8, generator_free=False, **overrides):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize(
-    "script,env_cls,task", FAST_CASES, ids=[f"{e.__name__}-{t.get('terrain', 'flat')}" for _, e, t in FAST_CASES]
-)
+@pytest.mark.parametrize("script,env_cls,task", FAST_CASES, ids=FAST_IDS)
 def test_fast_rollout_matches_the_plain_loop(script, env_cls, task, compile):
     # Episodes of a few steps, so that time-outs, resets and their bootstrapped rewards happen inside the rollout.
     short = {"episode_length_s": 0.1, **task}
@@ -241,9 +240,7 @@ def test_fast_update_matches_the_plain_one(script, env_cls):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "script,env_cls,task", FAST_CASES, ids=[f"{e.__name__}-{t.get('terrain', 'flat')}" for _, e, t in FAST_CASES]
-)
+@pytest.mark.parametrize("script,env_cls,task", FAST_CASES, ids=FAST_IDS)
 def test_carried_state_is_written_in_place(script, env_cls, task):
     """Forking safety: every tensor a step reads or writes keeps its storage from one step to the next, so the
     recorded CUDA graph (GPU) never reads a stale buffer. A fork that rebinds carried state fails here on the CPU."""

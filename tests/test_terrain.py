@@ -502,8 +502,8 @@ def test_worlds_see_their_own_tiles_as_mujoco_c_does(tiles, spec, slots_sim):
         f"against mj_ray: BatchedSim.rays within {worst_ray:.1e} m ({through} passed between abutting boxes), "
         f"TerrainSlots.heights within {worst_height:.1e} m"
     )
-    # Points of another shape (the feet beside the height scan) get buffers of their own: each shape's result stays
-    # where it was, as a recorded CUDA graph needs, and the first shape's heights are unchanged.
+    # Points of another shape get buffers of their own: each shape's result stays where it was, as a recorded CUDA
+    # graph needs, and the first shape's heights are unchanged.
     first = slots.heights(_tensor(_padded([p[1] for p in probes])), top)
     other = slots.heights(_tensor(_padded([p[1][:4] for p in probes])), top)
     again = slots.heights(_tensor(_padded([p[1] for p in probes])), top)
