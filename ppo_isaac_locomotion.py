@@ -240,9 +240,14 @@ REWARD_SCALES = {
 # On rough terrain (--terrain rough), one term more: a swing must lift the foot above what is under it, or the feet
 # shuffle, which walks on slopes and obstacles but trips on every step (README: Rough terrain). MuJoCo Playground's
 # Go1 joystick task has this term (its feet_height) at this scale; flat ground keeps legged_gym's table unchanged.
+# And a lighter fall penalty: with gamma 0.99 per 20 ms step the critic looks about 2 s ahead, where the tracking
+# that a climb wins back is worth about 2; a fall at -1000 (-20 per fall) outweighed any climb with a few percent
+# risk, and the robots learned to stand at the first riser. -200 is legged_gym's Cassie (Isaac Lab's velocity
+# task has no fall penalty, legged_gym's A1 none): a fall still costs more than the 2 s it ends.
 ROUGH_REWARD_SCALES = {
     **REWARD_SCALES,
     "feet_swing_height": -0.2,  # on touchdown, (the swing's peak above the terrain / FOOT_SWING_HEIGHT - 1)^2
+    "termination": -200.0,
 }
 FOOT_SWING_HEIGHT = 0.1  # m: the peak a swing is asked for (MuJoCo Playground's Go1: max_foot_height)
 TRACKING_SIGMA = 0.25

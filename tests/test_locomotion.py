@@ -503,9 +503,11 @@ def test_reward_contact_terms(env):
 def test_reward_table_has_a_function_per_term():
     for name in loco.ROUGH_REWARD_SCALES:
         assert callable(getattr(loco.Go1Env, f"_reward_{name}")), name
-    # Rough terrain adds its term to the flat table, in which nothing changes.
+    # Rough terrain adds its term to the flat table and lightens the fall penalty; the rest is the flat table.
     rough = dict(loco.ROUGH_REWARD_SCALES)
-    assert rough.pop("feet_swing_height") < 0 and rough == loco.REWARD_SCALES
+    assert rough.pop("feet_swing_height") < 0
+    assert loco.REWARD_SCALES["termination"] < rough.pop("termination") < 0
+    assert rough == {k: v for k, v in loco.REWARD_SCALES.items() if k != "termination"}
 
 
 def test_resets_stay_inside_the_joint_ranges():
