@@ -62,6 +62,8 @@ class Args:
     """iterations between two videos"""
     video_length: int = 250
     """policy steps (50 per second) in one video"""
+    video_command: tuple[float, float] = (0.8, 0.0)
+    """on rough terrain, the velocity (forward, lateral; m/s) held for the filmed robot, facing a flight of stairs"""
     save_interval: int = 100
     """iterations between two checkpoints (one is always written at the end)"""
     checkpoint: str | None = None
@@ -176,6 +178,7 @@ def check_args(args: Args) -> None:
     """Reject bad input before anything is created or written: UserError naming the flag and the fix."""
     ec.check_common_args(args)
     ec.check_range(args, "eval_episodes", 1, integer=True)
+    ec.check_pair(args, "video_command", ordered=False)
     for name in ("episode_length_s", "command_resample_s"):  # at most a day: step counts stay machine integers
         ec.check_range(args, name, POLICY_DT, MAX_TIME_S, hint=f"from one policy step ({POLICY_DT} s) to a day")
     for name in ("lin_vel_x_range", "lin_vel_y_range", "ang_vel_yaw_range"):
@@ -2137,20 +2140,28 @@ def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
     with ec.separate_rng(args.seed + 20_000, device):
         env = Go1Env(1, device, Go1Config.from_args(args), curriculum=False)
         obs, frames, log = env.reset(), [], []
-        if env.terrain is not None:  # up a flight of stairs: a stairs_up tile halfway up the levels, walking ahead
+        if env.terrain is not None:  # up a flight of stairs: a stairs_up tile halfway up the levels, at video_command
             env.terrain_level.fill_(env.num_levels // 2)
             env.terrain_col.fill_(env.terrain.column_types.index("stairs_up"))
             env.env_origin.copy_(env.tile_origins[env.terrain_level, env.terrain_col])
-            obs, forward = env.reset(), torch.tensor([[0.8 * args.lin_vel_x_range[1], 0.0, 0.0]], device=device)
+            env.reset()
+            # Square to a flight: the start's heading rounded to a quarter turn (a random one may walk into a corner
+            # of the pit, where two flights meet and a step is two risers at once).
+            qpos, square = env.sim.qpos.clone(), torch.round(ec.yaw_from_quat(env.root_quat) / (math.pi / 2))
+            qpos[:, 3:7] = ec.quat_from_yaw(square * (math.pi / 2))
+            env.sim.reset(torch.ones(1, dtype=torch.bool, device=device), qpos, env.sim.qvel.clone())
+            env._refresh_base_state()
+            obs = env._add_obs_noise(env._observe())
+            held = torch.tensor([[*args.video_command, 0.0]], device=device)
         # On rough terrain from higher up: the walls of a stairs pit would hide the robot from go1.xml's camera.
         camera = "track" if env.terrain is None else ec.tracking_camera(env.trunk, 3.0, -40.0, 135.0)
         with ec.Renderer(env.sim, camera=camera) as renderer:
             ahead = None
             for _ in range(args.video_length):
-                if env.terrain is not None:  # held, like a joystick pushed forward (obs[:, 9:12]: the command)
+                if env.terrain is not None:  # held, like a joystick pushed one way (obs[:, 9:12]: the command)
                     if ahead is None or int(env.episode_length[0]) == 0:  # with heading commands: the way it faces
                         ahead = ec.yaw_from_quat(env.root_quat)  # at the episode's start (a host loop: syncs are fine)
-                    env.commands.copy_(forward)
+                    env.commands.copy_(held)
                     env.heading.copy_(ahead)
                     env._steer_to_heading()
                     obs[:, 9:12] = env.commands

@@ -344,7 +344,7 @@ def test_rough_training_logs_the_curriculum_and_the_terrain_types(rough_run):
 
 def test_rough_eval_prints_the_per_level_table(rough_run, rendering_problem):
     cwd, run_dir, _ = rough_run
-    video = [] if rendering_problem else ["--capture-video", "--video-length", "3"]
+    video = [] if rendering_problem else ["--capture-video", "--video-length", "3", "--video-command", "0", "0.5"]
     ckpt = str(run_dir / "checkpoints" / "latest.pt")
     out = run(
         ["--device", "cpu", "--num-envs", "10", "--episode-length-s", "0.5", "--eval", *video, "--checkpoint", ckpt],
@@ -363,6 +363,8 @@ def test_rough_eval_prints_the_per_level_table(rough_run, rendering_problem):
     assert 0 <= metrics["curriculum_level_reached"]["all"] <= 1
     if video:
         assert (run_dir / "eval_video.mp4").stat().st_size > 1000
+        frames = json.loads((run_dir / "eval_video.json").read_text())
+        assert len(frames) == 3 and all(f["command"][:2] == [0.0, 0.5] for f in frames), "--video-command is held"
 
 
 def test_a_resume_on_another_terrain_is_refused(rough_run):
