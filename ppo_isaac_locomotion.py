@@ -238,15 +238,15 @@ REWARD_SCALES = {
     "action_rate": -0.01,  # |a_t - a_{t-1}|^2: smoothness
     "feet_air_time": 1.0,  # rewards steps of about 0.5 s, only while asked to move
     "collision": -1.0,  # thigh or calf touching the ground
-    "termination": -1000.0,  # falling (not time-outs); legged_gym's A1 uses -0 to -200: see the README
+    "termination": -1000.0,  # falling (not time-outs); legged_gym's A1: 0, its Cassie: -200; rough terrain: below
 }
 # On rough terrain (--terrain rough), one term more: a swing must lift the foot above what is under it, or the feet
 # shuffle, which walks on slopes and obstacles but trips on every step (README: Rough terrain). MuJoCo Playground's
 # Go1 joystick task has this term (its feet_height) at this scale; flat ground keeps legged_gym's table unchanged.
 # And a lighter fall penalty: with gamma 0.99 per 20 ms step the critic looks about 2 s ahead, where the tracking
-# that a climb wins back is worth about 2; a fall at -1000 (-20 per fall) outweighed any climb with a few percent
-# risk, and the robots learned to stand at the first riser. -200 is legged_gym's Cassie (Isaac Lab's velocity
-# task has no fall penalty, legged_gym's A1 none): a fall still costs more than the 2 s it ends.
+# that a climb wins back is worth about 2; at -1000 a fall costs 20, so no climb with a few percent of risk pays and
+# the policy stands at the riser (README: Rough terrain). -200 is legged_gym's Cassie (its A1 and Isaac Lab's
+# velocity task have none): a fall still costs more than the 2 s of reward it ends.
 ROUGH_REWARD_SCALES = {
     **REWARD_SCALES,
     "feet_swing_height": -0.2,  # on touchdown, (the swing's peak above the terrain / FOOT_SWING_HEIGHT - 1)^2
@@ -2133,6 +2133,17 @@ def play_in_viewer(agent, normalizer, device, args: Args) -> None:
     print(f"viewer: played {steps} policy steps ({steps * env.dt:.1f} s of simulated time)", flush=True)
 
 
+def turn_square(env: Go1Env) -> torch.Tensor:
+    """Turn each robot of `env` (just reset, standing still) to its yaw rounded to a quarter turn: square to the
+    flights of a stairs tile, where a random heading may walk it into a corner of the pit (a step that is two risers
+    at once). Returns the new observation (N, num_obs)."""
+    qpos, quarter = env.sim.qpos.clone(), torch.round(ec.yaw_from_quat(env.root_quat) / (math.pi / 2))
+    qpos[:, 3:7] = ec.quat_from_yaw(quarter * (math.pi / 2))
+    env.sim.reset(torch.ones(env.num_envs, dtype=torch.bool, device=env.device), qpos, env.sim.qvel.clone())
+    env._refresh_base_state()
+    return env._add_obs_noise(env._observe())
+
+
 @torch.no_grad()
 def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
     """One environment under the deterministic policy, rendered on the host, with gauges of commanded (green) and
@@ -2145,14 +2156,7 @@ def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
             env.terrain_col.fill_(env.terrain.column_types.index("stairs_up"))
             env.env_origin.copy_(env.tile_origins[env.terrain_level, env.terrain_col])
             env.reset()
-            # Square to a flight: the start's heading rounded to a quarter turn (a random one may walk into a corner
-            # of the pit, where two flights meet and a step is two risers at once).
-            qpos, square = env.sim.qpos.clone(), torch.round(ec.yaw_from_quat(env.root_quat) / (math.pi / 2))
-            qpos[:, 3:7] = ec.quat_from_yaw(square * (math.pi / 2))
-            env.sim.reset(torch.ones(1, dtype=torch.bool, device=device), qpos, env.sim.qvel.clone())
-            env._refresh_base_state()
-            obs = env._add_obs_noise(env._observe())
-            held = torch.tensor([[*args.video_command, 0.0]], device=device)
+            obs, held = turn_square(env), torch.tensor([[*args.video_command, 0.0]], device=device)
         # On rough terrain from higher up: the walls of a stairs pit would hide the robot from go1.xml's camera.
         camera = "track" if env.terrain is None else ec.tracking_camera(env.trunk, 3.0, -40.0, 135.0)
         with ec.Renderer(env.sim, camera=camera) as renderer:

@@ -6,6 +6,9 @@ The tile functions, TerrainSlots and the rays themselves are tested in test_terr
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import mujoco
 import numpy as np
@@ -17,6 +20,7 @@ from test_locomotion import loco, run
 from tiny import TINY
 
 LEVELS = 3
+CAPTURE = {"capture_output": True, "text": True, "timeout": 600}
 
 
 def rough_env(num_envs: int, curriculum: bool = True, sim=None, **overrides):
@@ -399,3 +403,18 @@ def test_mujoco_warp_on_the_terrain_kicks_no_harder_than_mujoco_c():
         fastest[name] = top
     print(f"fastest joint or trunk velocity: {fastest}")
     assert abs(fastest["warp"] - fastest["c"]) <= 0.1 * fastest["c"], fastest
+
+
+def test_stairs_probe_reads_a_rough_checkpoint(rough_run):
+    """tests/stairs_probe.py (a measurement script: README, "How the policy climbs") on the tiny run's checkpoint: a
+    held command and the task's own, its lines with an interval, and its refusal of a level the terrain lacks."""
+    _, run_dir, _ = rough_run
+    probe = [sys.executable, str(Path(__file__).parent / "stairs_probe.py"), str(run_dir / "checkpoints" / "latest.pt")]
+    for extra in (["--command", "0.5", "0"], []):
+        out = subprocess.run([*probe, "--level", "1", "--num-envs", "2", "--seconds", "2", *extra], **CAPTURE)
+        assert out.returncode == 0, out.stdout + out.stderr
+        held = "held at [0.5, 0.0] m/s" if extra else "the task's random commands"
+        assert f"2 robots, stairs up at level 1 of 1, {held}" in out.stdout
+        assert "   2 s: out of the pit 0.00 (95% CI 0.00-" in out.stdout, out.stdout
+    out = subprocess.run([*probe, "--level", "2"], **CAPTURE)
+    assert out.returncode == 2 and "a level in 0..1" in out.stderr
