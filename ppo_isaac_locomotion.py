@@ -64,6 +64,8 @@ class Args:
     """policy steps (50 per second) in one video"""
     video_command: tuple[float, float] = (0.8, 0.0)
     """on rough terrain, the velocity (forward, lateral; m/s) held for the filmed robot, facing a flight of stairs"""
+    video_level: float = 0.5
+    """on rough terrain, the level of the filmed robot's stairs as a share of the levels (0.3 of 10 levels: level 3)"""
     save_interval: int = 100
     """iterations between two checkpoints (one is always written at the end)"""
     checkpoint: str | None = None
@@ -179,6 +181,7 @@ def check_args(args: Args) -> None:
     ec.check_common_args(args)
     ec.check_range(args, "eval_episodes", 1, integer=True)
     ec.check_pair(args, "video_command", ordered=False)
+    ec.check_range(args, "video_level", 0, 1)
     for name in ("episode_length_s", "command_resample_s"):  # at most a day: step counts stay machine integers
         ec.check_range(args, name, POLICY_DT, MAX_TIME_S, hint=f"from one policy step ({POLICY_DT} s) to a day")
     for name in ("lin_vel_x_range", "lin_vel_y_range", "ang_vel_yaw_range"):
@@ -2134,7 +2137,7 @@ def play_in_viewer(agent, normalizer, device, args: Args) -> None:
 
 
 def turn_square(env: Go1Env) -> torch.Tensor:
-    """Turn each robot of `env` (just reset, standing still) to its yaw rounded to a quarter turn: square to the
+    """Turn each robot of `env` (just reset) to its yaw rounded to a quarter turn, its velocities kept: square to the
     flights of a stairs tile, where a random heading may walk it into a corner of the pit (a step that is two risers
     at once). Returns the new observation (N, num_obs)."""
     qpos, quarter = env.sim.qpos.clone(), torch.round(ec.yaw_from_quat(env.root_quat) / (math.pi / 2))
@@ -2151,8 +2154,11 @@ def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
     with ec.separate_rng(args.seed + 20_000, device):
         env = Go1Env(1, device, Go1Config.from_args(args), curriculum=False)
         obs, frames, log = env.reset(), [], []
-        if env.terrain is not None:  # up a flight of stairs: a stairs_up tile halfway up the levels, at video_command
-            env.terrain_level.fill_(env.num_levels // 2)
+        if env.terrain is not None:  # up a flight of stairs: a stairs_up tile at video_level, at video_command
+            level = min(int(args.video_level * env.num_levels), env.num_levels - 1)
+            held_at = f"{args.video_command} m/s held"
+            print(f"video: stairs up at level {level} of {env.num_levels - 1}, {held_at}", flush=True)
+            env.terrain_level.fill_(level)
             env.terrain_col.fill_(env.terrain.column_types.index("stairs_up"))
             env.env_origin.copy_(env.tile_origins[env.terrain_level, env.terrain_col])
             env.reset()

@@ -3,7 +3,8 @@ collected by pytest). N robots on the stairs-up tiles of one level play the dete
 on the models its training used (randomized if it was), either under the task's own random commands (what the
 curriculum and --eval see) or with one velocity held, each robot turned square to a flight first (as
 --capture-video films it). Prints, every 2 s, the share of robots that got farther than half a tile from their
-tile's centre (out of the pit: the curriculum's promotion, with its 95% interval) and the share that fell. CPU or GPU.
+tile's centre at some time before any fall (out of the pit; the curriculum promotes on the distance at an
+episode's end), with its 95% interval, and the share that fell. CPU or GPU.
 
     python tests/stairs_probe.py runs/<run>/checkpoints/latest.pt --level 5 [--command 0.5 0] [--seconds 10]
 """

@@ -155,6 +155,7 @@ TASK_DOMAINS = {
         "terrain": "mountains",
         "terrain_levels": "0",
         "video_command": ["nan", "0"],
+        "video_level": "1.5",
     },
     "reach": {
         "control_type": "velocity",

@@ -348,7 +348,8 @@ def test_rough_training_logs_the_curriculum_and_the_terrain_types(rough_run):
 
 def test_rough_eval_prints_the_per_level_table(rough_run, rendering_problem):
     cwd, run_dir, _ = rough_run
-    video = [] if rendering_problem else ["--capture-video", "--video-length", "3", "--video-command", "0", "0.5"]
+    video = ["--capture-video", "--video-length", "3", "--video-command", "0", "0.5", "--video-level", "0"]
+    video = [] if rendering_problem else video
     ckpt = str(run_dir / "checkpoints" / "latest.pt")
     out = run(
         ["--device", "cpu", "--num-envs", "10", "--episode-length-s", "0.5", "--eval", *video, "--checkpoint", ckpt],
@@ -369,6 +370,7 @@ def test_rough_eval_prints_the_per_level_table(rough_run, rendering_problem):
         assert (run_dir / "eval_video.mp4").stat().st_size > 1000
         frames = json.loads((run_dir / "eval_video.json").read_text())
         assert len(frames) == 3 and all(f["command"][:2] == [0.0, 0.5] for f in frames), "--video-command is held"
+        assert "video: stairs up at level 0 of 1, (0.0, 0.5) m/s held" in out.stdout
 
 
 def test_a_resume_on_another_terrain_is_refused(rough_run):
