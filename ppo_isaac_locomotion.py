@@ -1442,8 +1442,9 @@ def main(args: Args) -> None:
     args.heading_command = Go1Config.from_args(args).heading_command  # its default, resolved, goes into the run
     check_args(args)
     ec.note_gpu_only_flags(args, device)
-    if args.terrain == "flat" and args.terrain_levels != Args.terrain_levels and dist.is_main:
-        print("note: --terrain-levels shapes --terrain rough only; this run is on flat ground", flush=True)
+    for name in ("terrain_levels", "video_command", "video_level"):  # rough terrain's own: said, not ignored silently
+        if args.terrain == "flat" and getattr(args, name) != getattr(Args, name) and dist.is_main:
+            print(f"note: {ec.flag(name)} is for --terrain rough only; this run is on flat ground", flush=True)
     requested_speed = ec.gpu_speed_flags(args, device)
     ec.check_memory(device, args.num_envs, args.num_steps * BYTES_PER_ENV_STEP)
     if args.capture_video:

@@ -11,6 +11,7 @@ episode's end), with its 95% interval, and the share that fell. CPU or GPU.
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import ppo_isaac_locomotion as loco  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description="How a rough-terrain policy gets up a flight of stairs, by command.")
     parser.add_argument("checkpoint", help="a checkpoint of ppo_isaac_locomotion.py trained with --terrain rough")
     parser.add_argument("--level", type=int, required=True, help="the curriculum level of the stairs-up tiles")
     parser.add_argument("--command", type=float, nargs=2, metavar=("VX", "VY"), help="hold this velocity (m/s)")
@@ -32,11 +33,20 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    ckpt = ec.load_checkpoint(args.checkpoint, device, "ppo_isaac_locomotion")
+    try:
+        ckpt = ec.load_checkpoint(args.checkpoint, device, "ppo_isaac_locomotion")
+    except ec.UserError as e:
+        parser.error(str(e))
     fields = {f.name for f in dataclasses.fields(loco.Args)}
     run = loco.Args(**{k: v for k, v in ckpt["args"].items() if k in fields})
-    if run.terrain != "rough" or not 0 <= args.level < run.terrain_levels:
-        parser.error(f"a rough-terrain checkpoint and a level in 0..{run.terrain_levels - 1}")
+    if run.terrain != "rough":
+        parser.error(f"{args.checkpoint} was trained on --terrain {run.terrain}: give a rough-terrain checkpoint")
+    if not 0 <= args.level < run.terrain_levels:
+        parser.error(f"--level {args.level}: this checkpoint's terrain has levels 0 to {run.terrain_levels - 1}")
+    if args.num_envs < 1 or (args.command is not None and not all(math.isfinite(v) for v in args.command)):
+        parser.error("--num-envs must be at least 1 and --command two finite numbers")
+    if not 0 < args.seconds <= run.episode_length_s:  # one episode: a reset would turn the robots at random
+        parser.error(f"--seconds {args.seconds}: give up to the episode length, {run.episode_length_s} s")
     torch.manual_seed(args.seed)
     env = loco.Go1Env(args.num_envs, device, loco.Go1Config.from_args(run), curriculum=False)
     agent = loco.ActorCritic(env.num_obs, env.num_actions).to(device)
@@ -59,7 +69,8 @@ def main():
     what = f"held at {args.command} m/s" if args.command is not None else "the task's random commands"
     print(f"{args.num_envs} robots, stairs up at level {args.level} of {run.terrain_levels - 1}, {what}")
     with torch.no_grad():
-        for step in range(round(args.seconds / env.dt)):
+        steps = max(1, round(args.seconds / env.dt))
+        for step in range(steps):
             if args.command is not None:
                 env.commands.copy_(held.expand_as(env.commands))
                 env.heading.copy_(ahead)
@@ -69,7 +80,7 @@ def main():
             fell |= terminated.bool()
             walked = (env.root_pos[:, :2] - env.env_origin[:, :2]).norm(dim=1)
             farthest = torch.where(fell, farthest, torch.maximum(farthest, walked))  # until its first fall
-            if (step + 1) % round(2.0 / env.dt) == 0:
+            if (step + 1) % round(2.0 / env.dt) == 0 or step + 1 == steps:
                 out = (farthest > loco.TILE_SIZE / 2).sum().item()
                 low, high = ec.wilson_interval(out, args.num_envs)
                 print(

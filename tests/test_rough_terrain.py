@@ -413,10 +413,14 @@ def test_stairs_probe_reads_a_rough_checkpoint(rough_run):
     _, run_dir, _ = rough_run
     probe = [sys.executable, str(Path(__file__).parent / "stairs_probe.py"), str(run_dir / "checkpoints" / "latest.pt")]
     for extra in (["--command", "0.5", "0"], []):
-        out = subprocess.run([*probe, "--level", "1", "--num-envs", "2", "--seconds", "2", *extra], **CAPTURE)
+        out = subprocess.run([*probe, "--level", "1", "--num-envs", "2", "--seconds", "1", *extra], **CAPTURE)
         assert out.returncode == 0, out.stdout + out.stderr
         held = "held at [0.5, 0.0] m/s" if extra else "the task's random commands"
         assert f"2 robots, stairs up at level 1 of 1, {held}" in out.stdout
-        assert "   2 s: out of the pit 0.00 (95% CI 0.00-" in out.stdout, out.stdout
-    out = subprocess.run([*probe, "--level", "2"], **CAPTURE)
-    assert out.returncode == 2 and "a level in 0..1" in out.stderr
+        assert "   1 s: out of the pit 0.00 (95% CI 0.00-" in out.stdout, out.stdout
+    for bad, words in (
+        (["--level", "2"], "levels 0 to 1"),
+        (["--level", "1", "--seconds", "5"], "episode length, 1.0 s"),
+    ):
+        out = subprocess.run([*probe, *bad], **CAPTURE)
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
