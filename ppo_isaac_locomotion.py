@@ -2137,6 +2137,25 @@ def play_in_viewer(agent, normalizer, device, args: Args) -> None:
     print(f"viewer: played {steps} policy steps ({steps * env.dt:.1f} s of simulated time)", flush=True)
 
 
+def start_on_stairs(env: Go1Env, level: int) -> torch.Tensor:
+    """Put every robot of `env` (built with curriculum=False) on a stairs-up tile of `level` and reset it there, at a
+    random heading. Returns the observation (N, num_obs)."""
+    env.terrain_level.fill_(level)
+    env.terrain_col.fill_(env.terrain.column_types.index("stairs_up"))
+    env.env_origin.copy_(env.tile_origins[env.terrain_level, env.terrain_col])
+    return env.reset()
+
+
+def hold_command(env: Go1Env, obs: torch.Tensor, command: torch.Tensor, heading: torch.Tensor) -> None:
+    """Hold the velocity `command` (3,) (vx, vy m/s; its yaw rate is replaced) and the `heading` (N,) (rad), like a
+    joystick pushed one way: the yaw rate follows the heading error, and `obs` (N, num_obs) gets the command in place
+    (obs[:, 9:12]) before the policy reads it."""
+    env.commands.copy_(command.expand_as(env.commands))
+    env.heading.copy_(heading)
+    env._steer_to_heading()
+    obs[:, 9:12] = env.commands
+
+
 def turn_square(env: Go1Env) -> torch.Tensor:
     """Turn each robot of `env` (just reset) to its yaw rounded to a quarter turn, its velocities kept: square to the
     flights of a stairs tile, where a random heading may walk it into a corner of the pit (a step that is two risers
@@ -2159,23 +2178,17 @@ def record_video(agent, normalizer, device, args: Args, path: Path) -> None:
             level = min(int(args.video_level * env.num_levels), env.num_levels - 1)
             held_at = f"{args.video_command} m/s held"
             print(f"video: stairs up at level {level} of {env.num_levels - 1}, {held_at}", flush=True)
-            env.terrain_level.fill_(level)
-            env.terrain_col.fill_(env.terrain.column_types.index("stairs_up"))
-            env.env_origin.copy_(env.tile_origins[env.terrain_level, env.terrain_col])
-            env.reset()
-            obs, held = turn_square(env), torch.tensor([[*args.video_command, 0.0]], device=device)
+            start_on_stairs(env, level)
+            obs, held = turn_square(env), torch.tensor([*args.video_command, 0.0], device=device)
         # On rough terrain from higher up: the walls of a stairs pit would hide the robot from go1.xml's camera.
         camera = "track" if env.terrain is None else ec.tracking_camera(env.trunk, 3.0, -40.0, 135.0)
         with ec.Renderer(env.sim, camera=camera) as renderer:
             ahead = None
             for _ in range(args.video_length):
-                if env.terrain is not None:  # held, like a joystick pushed one way (obs[:, 9:12]: the command)
+                if env.terrain is not None:
                     if ahead is None or int(env.episode_length[0]) == 0:  # with heading commands: the way it faces
                         ahead = ec.yaw_from_quat(env.root_quat)  # at the episode's start (a host loop: syncs are fine)
-                    env.commands.copy_(held)
-                    env.heading.copy_(ahead)
-                    env._steer_to_heading()
-                    obs[:, 9:12] = env.commands
+                    hold_command(env, obs, held, ahead)
                 obs, *_ = env.step(agent.act_deterministic(normalizer(obs)))
                 command = env.commands[0].cpu().numpy()
                 actual = torch.cat([env.base_lin_vel[0, :2], env.root_ang_vel_b[0, 2:]]).cpu().numpy()

@@ -55,10 +55,7 @@ def main():
     normalizer.load_state_dict(ckpt["normalizer"])
 
     env.reset()
-    env.terrain_level.fill_(args.level)
-    env.terrain_col.fill_(env.terrain.column_types.index("stairs_up"))
-    env.env_origin.copy_(env.tile_origins[env.terrain_level, env.terrain_col])
-    obs = env.reset()
+    obs = loco.start_on_stairs(env, args.level)
     if args.command is not None:  # square to a flight, as record_video does
         obs = loco.turn_square(env)
         ahead = ec.yaw_from_quat(env.root_quat)
@@ -72,10 +69,7 @@ def main():
         steps = max(1, round(args.seconds / env.dt))
         for step in range(steps):
             if args.command is not None:
-                env.commands.copy_(held.expand_as(env.commands))
-                env.heading.copy_(ahead)
-                env._steer_to_heading()
-                obs[:, 9:12] = env.commands
+                loco.hold_command(env, obs, held, ahead)
             obs, _, terminated, *_ = env.step(agent.act_deterministic(normalizer(obs)))
             fell |= terminated.bool()
             walked = (env.root_pos[:, :2] - env.env_origin[:, :2]).norm(dim=1)
